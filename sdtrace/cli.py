@@ -1,0 +1,207 @@
+"""The ``sdtrace`` command line: argument parsing and error reporting only.
+
+Each subcommand is a thin layer over the library; every SdtraceError becomes
+one line ``sdtrace: MESSAGE`` on stderr and exit status 1, never a traceback.
+Modules are imported inside the subcommands so that start-up stays cheap.
+"""
+import argparse
+import sys
+
+from .errors import SdtraceError
+
+
+def _add_target_options(parser):
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-p", "--pid", type=int, help="search (and trace) the objects of process PID")
+    group.add_argument("-c", "--command", metavar="CMD",
+                       help="search (and trace) the objects of command CMD")
+    parser.add_argument("--json", action="store_true", help="write JSON lines")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="sdtrace", description="Trace USDT (SystemTap SDT) markers.")
+    commands = parser.add_subparsers(dest="subcommand", metavar="COMMAND")
+    commands.required = True
+
+    listing = commands.add_parser(
+        "list", help="list probe sites",
+        description="List SDT probe sites. SPEC is [TARGET:]PROVIDER:NAME, a path or a library name.")
+    _add_target_options(listing)
+    listing.add_argument("specs", nargs="*", metavar="SPEC")
+    listing.set_defaults(run=run_list)
+
+    trace = commands.add_parser(
+        "trace", help="trace probe hits",
+        description="Trace SDT probes. SPEC is [TARGET:]PROVIDER:NAME[(TYPE,...)]; "
+                    "without -p/-c the trace is system-wide on the files named.")
+    _add_target_options(trace)
+    trace.add_argument("-n", "--count", type=int, help="stop after COUNT events")
+    trace.add_argument("-d", "--duration", type=float, metavar="SECONDS",
+                       help="stop after SECONDS")
+    trace.add_argument("-o", "--output", metavar="FILE", help="write events to FILE")
+    trace.add_argument("--buffer-pages", type=int, metavar="N",
+                       help="ring buffer data pages per CPU, a power of two (default 256: 1 MiB)")
+    trace.add_argument("specs", nargs="+", metavar="SPEC")
+    trace.set_defaults(run=run_trace)
+
+    cleanup = commands.add_parser(
+        "cleanup", help="remove what dead sdtrace sessions left behind",
+        description="Remove uprobe definitions of sdtrace sessions whose owner has exited.")
+    cleanup.set_defaults(run=run_cleanup)
+    return parser
+
+
+def context_files(args):
+    """The objects that specs without a target are searched in."""
+    from . import targets
+
+    if args.pid is not None:
+        return targets.process_objects(args.pid)
+    if args.command:
+        import shlex
+
+        words = shlex.split(args.command)
+        if not words:
+            raise SdtraceError("-c: empty command")
+        return targets.command_objects(words[0])
+    return ()
+
+
+def selected_probes(args, specs_text):
+    """Unique (probe, spec) pairs selected by the command's specs, in order."""
+    from .specs import parse_spec, select_probes
+
+    specs = [parse_spec(text) for text in specs_text]
+    files = context_files(args)
+    if not specs:
+        if not files:
+            raise SdtraceError("nothing to list: give a TARGET, a SPEC, -p PID or -c CMD")
+        specs = [parse_spec("*:*")]
+    unique = {}
+    for probe, spec in select_probes(specs, files):
+        unique.setdefault((probe.file, probe.offset, probe.provider, probe.name), (probe, spec))
+    return list(unique.values())
+
+
+def warn(message):
+    sys.stderr.write(f"sdtrace: warning: {message}\n")
+
+
+def run_list(args):
+    from . import output
+
+    probes = [probe for probe, _spec in selected_probes(args, args.specs)]
+    for probe in probes:
+        for operand in probe.operands:
+            if operand.error:
+                warn(f"{probe.file}: {probe.qualified_name}: argument {operand.text!r} "
+                     f"is unavailable: {operand.error}")
+        if probe.semaphore_error:
+            warn(f"{probe.file}: {probe.qualified_name}: unusable semaphore: {probe.semaphore_error}")
+    text = output.probe_json_lines(probes) if args.json else output.probe_table(probes) + "\n"
+    sys.stdout.write(text)
+    return 0
+
+
+def run_trace(args):
+    import collections
+    import signal
+    import time
+
+    from . import output
+    from .session import Session
+
+    if args.count is not None and args.count <= 0:
+        raise SdtraceError("-n: COUNT must be positive")
+    signal.signal(signal.SIGTERM, _interrupt)
+    session = Session(args.specs, pid=args.pid, command=args.command, buffer_pages=args.buffer_pages)
+    sink = _open_output(args.output)
+    writer = output.EventWriter(args.json)
+    counts = collections.Counter()
+    written = reported_lost = 0
+    try:
+        with session:
+            for message in session.warnings:
+                warn(message)
+            sys.stderr.write(f"sdtrace: tracing {len(session.sites)} site(s); Ctrl-C to end\n")
+            deadline = None if args.duration is None else time.monotonic() + args.duration
+            try:
+                while written != args.count:
+                    running = session.running
+                    records = session.read_records(0.1 if deadline is None
+                                                   else max(0.0, min(0.1, deadline - time.monotonic())))
+                    written += _emit(records, args.count, written, writer, sink, counts)
+                    if session.lost != reported_lost:
+                        sys.stderr.write(f"sdtrace: lost {session.lost - reported_lost} events "
+                                         f"(ring full; try --buffer-pages)\n")
+                        reported_lost = session.lost
+                    if not running or (deadline is not None and time.monotonic() >= deadline):
+                        break
+            except KeyboardInterrupt:
+                pass
+            if written != args.count:
+                written += _emit(session.finish(), args.count, written, writer, sink, counts)
+            session.stop_command()
+    finally:
+        sink.flush()
+        if sink is not sys.stdout:
+            sink.close()
+        probe_counts = collections.Counter()
+        for site, count in counts.items():
+            probe_counts[site.probe] += count
+        sys.stderr.write(output.summary(probe_counts, session.lost))
+    return session.exit_status or 0
+
+
+def _emit(records, limit, written, writer, sink, counts):
+    """Write records (up to the -n limit); return how many were written."""
+    import operator
+
+    if limit is not None and written + len(records) > limit:
+        records = records[:limit - written]
+    if records:
+        sink.write(writer.format(records))
+        counts.update(map(operator.itemgetter(5), records))
+    return len(records)
+
+
+def _interrupt(_signum, _frame):
+    raise KeyboardInterrupt
+
+
+def _open_output(path):
+    if path is None:
+        return sys.stdout
+    try:
+        return open(path, "w", buffering=1 << 20)
+    except OSError as error:
+        raise SdtraceError(f"{path}: {error.strerror}") from None
+
+
+def run_cleanup(_args):
+    from . import tracefs
+
+    removed = tracefs.remove_stale()
+    for group in removed:
+        sys.stderr.write(f"sdtrace: removed stale uprobe group {group}\n")
+    sys.stderr.write(f"sdtrace: {len(removed)} stale group(s) removed\n")
+    return 0
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except SdtraceError as error:
+        sys.stderr.write(f"sdtrace: {error}\n")
+        return 1
+    except BrokenPipeError:
+        sys.stderr.close()  # the reader went away (| head): not an error
+        return 0
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

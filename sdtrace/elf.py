@@ -1,0 +1,262 @@
+"""A small, fast ELF reader: just what SDT discovery needs, from an mmap.
+
+An ELF file starts with an identification block that fixes the word size
+(32/64-bit) and the byte order.  Every other header's layout follows from
+those two facts, so the layouts are declared once below as ``struct.Struct``
+tables keyed by (class, byte order) and the reader never computes an offset by
+hand.  From the file we need:
+
+* the program headers (PT_LOAD segments), to turn a virtual address into a
+  file offset the way the loader maps the file -- section headers alone are
+  wrong for some linkers;
+* the section headers, to find ``.note.stapsdt``, ``.stapsdt.base`` and the
+  symbol tables;
+* the notes themselves, and symbol values on demand.
+
+The file is mapped read-only and only the pages that are touched are read, so
+a 30 MB libjvm.so costs the same as a small program.  Every malformed field
+raises ElfError (a SdtraceError) naming the file and the cause; no bounds are
+trusted.
+"""
+import mmap
+import os
+import struct
+from collections import namedtuple
+
+from .errors import SdtraceError
+
+ELF_MAGIC = b"\x7fELF"
+ELFCLASS32, ELFCLASS64 = 1, 2
+ELFDATA2LSB, ELFDATA2MSB = 1, 2
+
+PT_LOAD = 1
+PF_W = 2
+SHT_SYMTAB, SHT_DYNAMIC, SHT_NOTE, SHT_NOBITS, SHT_DYNSYM = 2, 6, 7, 8, 11
+DT_NULL, DT_NEEDED, DT_RPATH, DT_RUNPATH = 0, 1, 15, 29
+
+# e_machine values, mapped to the architecture names operands.py understands.
+MACHINES = {
+    3: "i386",
+    62: "x86_64",
+    40: "arm",
+    183: "aarch64",
+    20: "ppc",
+    21: "ppc64",
+    22: "s390x",
+    243: "riscv64",
+}
+
+Segment = namedtuple("Segment", "type flags offset vaddr filesz memsz")
+Section = namedtuple("Section", "name type flags addr offset size link entsize")
+Note = namedtuple("Note", "owner type desc")
+
+
+class ElfError(SdtraceError):
+    """The file is not a readable ELF file (or is damaged)."""
+
+
+class _Layouts:
+    """The struct layouts of one (class, byte order) pair."""
+
+    def __init__(self, elfclass, order):
+        wide = elfclass == ELFCLASS64
+        self.address = struct.Struct(order + ("Q" if wide else "I"))
+        # Elf_Ehdr after e_ident: type machine version entry phoff shoff flags
+        #                         ehsize phentsize phnum shentsize shnum shstrndx
+        self.header = struct.Struct(order + ("HHIQQQIHHHHHH" if wide else "HHIIIIIHHHHHH"))
+        if wide:  # type flags offset vaddr paddr filesz memsz align
+            self.segment = struct.Struct(order + "IIQQQQQQ")
+        else:     # type offset vaddr paddr filesz memsz flags align
+            self.segment = struct.Struct(order + "IIIIIIII")
+        # name type flags addr offset size link info addralign entsize
+        self.section = struct.Struct(order + ("IIQQQQIIQQ" if wide else "IIIIIIIIII"))
+        self.note_header = struct.Struct(order + "III")  # namesz descsz type
+        if wide:  # name info other shndx value size
+            self.symbol = struct.Struct(order + "IBBHQQ")
+        else:     # name value size info other shndx
+            self.symbol = struct.Struct(order + "IIIBBH")
+        self.dynamic_entry = struct.Struct(order + ("qQ" if wide else "iI"))  # tag, value
+        self.wide = wide
+
+
+_LAYOUTS = {
+    (c, d): _Layouts(c, "<" if d == ELFDATA2LSB else ">")
+    for c in (ELFCLASS32, ELFCLASS64)
+    for d in (ELFDATA2LSB, ELFDATA2MSB)
+}
+
+
+class ElfFile:
+    """An ELF file mapped read-only.  Use as a context manager or call close()."""
+
+    def __init__(self, path):
+        self.path = path
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as error:
+            raise ElfError(f"{path}: {error.strerror}") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size < 64:
+                raise ElfError(f"{path}: not an ELF file (only {size} bytes)")
+            self.data = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+        except OSError as error:
+            raise ElfError(f"{path}: cannot map: {error.strerror}") from None
+        finally:
+            os.close(fd)
+        try:
+            self._read_header()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self):
+        self.data.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- headers ---------------------------------------------------------
+
+    def _read_header(self):
+        data = self.data
+        if data[:4] != ELF_MAGIC:
+            raise ElfError(f"{self.path}: not an ELF file")
+        key = (data[4], data[5])
+        if key not in _LAYOUTS:
+            raise ElfError(f"{self.path}: unknown ELF class/byte order {key}")
+        self.layout = layout = _LAYOUTS[key]
+        (self.type, e_machine, _version, _entry, phoff, shoff, _flags, _ehsize,
+         phentsize, phnum, shentsize, shnum, shstrndx) = layout.header.unpack_from(data, 16)
+        self.machine = MACHINES.get(e_machine, f"machine-{e_machine}")
+        if e_machine == 20 and layout.wide:
+            self.machine = "ppc64"
+        self.segments = [
+            self._segment(record)
+            for record in self._table(phoff, phentsize, phnum, layout.segment, "program header")
+        ]
+        raw_sections = list(self._table(shoff, shentsize, shnum, layout.section, "section header"))
+        names = None
+        if raw_sections and shstrndx < len(raw_sections):
+            names = raw_sections[shstrndx]
+        self.sections = [
+            Section(self._string(names[4], names[5], record[0]) if names else "",
+                    record[1], record[2], record[3], record[4], record[5], record[6], record[9])
+            for record in raw_sections
+        ]
+
+    def _segment(self, record):
+        if self.layout.wide:
+            p_type, flags, offset, vaddr, _paddr, filesz, memsz, _align = record
+        else:
+            p_type, offset, vaddr, _paddr, filesz, memsz, flags, _align = record
+        return Segment(p_type, flags, offset, vaddr, filesz, memsz)
+
+    def _table(self, offset, entry_size, count, layout, what):
+        if count == 0 or offset == 0:
+            return
+        if entry_size < layout.size:
+            raise ElfError(f"{self.path}: {what} entries too small ({entry_size} bytes)")
+        self._check_range(offset, entry_size * count, f"{what} table")
+        for index in range(count):
+            yield layout.unpack_from(self.data, offset + index * entry_size)
+
+    def _check_range(self, offset, size, what):
+        if offset + size > len(self.data):
+            raise ElfError(f"{self.path}: {what} lies beyond the end of the file")
+
+    def _string(self, table_offset, table_size, index):
+        """The NUL-terminated string at `index` of a string table."""
+        self._check_range(table_offset, table_size, "string table")
+        if index >= table_size:
+            raise ElfError(f"{self.path}: string index {index} outside its table")
+        start = table_offset + index
+        end = self.data.find(b"\0", start, table_offset + table_size)
+        if end < 0:
+            raise ElfError(f"{self.path}: unterminated string in string table")
+        return self.data[start:end].decode("utf-8", "replace")
+
+    # -- queries ---------------------------------------------------------
+
+    def section(self, name):
+        for section in self.sections:
+            if section.name == name:
+                return section
+        return None
+
+    def section_bytes(self, section):
+        if section.type == SHT_NOBITS:
+            return b""
+        self._check_range(section.offset, section.size, f"section {section.name}")
+        return self.data[section.offset:section.offset + section.size]
+
+    def notes(self, section):
+        """The notes of a SHT_NOTE section, as (owner, type, desc bytes)."""
+        blob = self.section_bytes(section)
+        header = self.layout.note_header
+        position, end = 0, len(blob)
+        while position + header.size <= end:
+            namesz, descsz, note_type = header.unpack_from(blob, position)
+            position += header.size
+            name_end = position + namesz
+            desc_start = position + ((namesz + 3) & ~3)
+            desc_end = desc_start + descsz
+            if desc_end > end:
+                raise ElfError(f"{self.path}: truncated note in {section.name}")
+            yield Note(bytes(blob[position:name_end]).rstrip(b"\0"), note_type,
+                       blob[desc_start:desc_end])
+            position = desc_start + ((descsz + 3) & ~3)
+
+    def load_segment(self, address):
+        """The PT_LOAD segment whose file-backed part contains `address`, or None."""
+        for segment in self.segments:
+            if segment.type == PT_LOAD and segment.vaddr <= address < segment.vaddr + segment.filesz:
+                return segment
+        return None
+
+    def dynamic_strings(self, tags):
+        """{tag: [string, ...]} for the string-valued dynamic entries named in `tags`."""
+        found = {tag: [] for tag in tags}
+        for dynamic in (s for s in self.sections if s.type == SHT_DYNAMIC):
+            if dynamic.link >= len(self.sections):
+                continue
+            strings = self.sections[dynamic.link]
+            pair = self.layout.dynamic_entry
+            for tag, value in self._table(dynamic.offset, pair.size, dynamic.size // pair.size,
+                                          pair, "dynamic"):
+                if tag == DT_NULL:
+                    break
+                if tag in found:
+                    found[tag].append(self._string(strings.offset, strings.size, value))
+        return found
+
+    def symbol_values(self, wanted):
+        """{name: value} for the names in `wanted` found in .symtab, then .dynsym."""
+        found = {}
+        remaining = set(wanted)
+        for table in sorted((s for s in self.sections if s.type in (SHT_SYMTAB, SHT_DYNSYM)),
+                            key=lambda s: s.type != SHT_SYMTAB):
+            if not remaining:
+                break
+            if table.link >= len(self.sections):
+                continue
+            strings = self.sections[table.link]
+            self._check_range(strings.offset, strings.size, "symbol string table")
+            encoded = {name.encode(): name for name in remaining}
+            for record in self._table(table.offset, table.entsize or self.layout.symbol.size,
+                                      table.size // (table.entsize or self.layout.symbol.size),
+                                      self.layout.symbol, "symbol"):
+                name_index = record[0]
+                value = record[4] if self.layout.wide else record[1]
+                if name_index == 0 or value == 0:
+                    continue
+                start = strings.offset + name_index
+                end = self.data.find(b"\0", start, strings.offset + strings.size)
+                name = encoded.get(self.data[start:end]) if end >= 0 else None
+                if name is not None and name not in found:
+                    found[name] = value
+            remaining -= found.keys()
+        return found

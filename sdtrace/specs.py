@@ -1,0 +1,104 @@
+"""Probe specs -> the probe sites they select.
+
+A spec is ``[TARGET:]PROVIDER:NAME[(TYPE,...)]``:
+
+* ``TARGET`` is a path or a library name (see targets.py);
+* ``PROVIDER`` and ``NAME`` are shell globs;
+* the optional ``(TYPE,...)`` list is positional and overrides how arguments
+  are read: ``str`` reads a NUL-terminated string at the argument's value,
+  ``s8``..``u64`` reinterpret it as an integer of that size, an empty entry
+  keeps the note's own type.
+
+A spec of one field is a target and selects all of its probes.  A spec with
+two fields has no target: the probes are searched in the objects of the
+process (``-p``) or command (``-c``) being traced.
+"""
+import fnmatch
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+from .errors import SdtraceError
+
+ARGUMENT_TYPES = {"str", "s8", "s16", "s32", "s64", "u8", "u16", "u32", "u64"}
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    text: str
+    target: Optional[str]           # path or library name, None to search the context
+    provider: str                   # glob
+    name: str                       # glob
+    types: Tuple[Optional[str], ...] = ()  # per argument: a type from ARGUMENT_TYPES, or None
+
+    def matches(self, probe):
+        return (fnmatch.fnmatchcase(probe.provider, self.provider)
+                and fnmatch.fnmatchcase(probe.name, self.name))
+
+
+def parse_spec(text):
+    """Parse one spec; SdtraceError names the spec and what is wrong with it."""
+    body, types = text.strip(), ()
+    if not body:
+        raise SdtraceError("empty probe spec")
+    if body.endswith(")"):
+        opening = body.rfind("(")
+        if opening < 0:
+            raise SdtraceError(f"bad probe spec {text!r}: ')' without '('")
+        types = tuple(_argument_type(text, entry) for entry in body[opening + 1:-1].split(","))
+        body = body[:opening]
+    elif "(" in body:
+        raise SdtraceError(f"bad probe spec {text!r}: '(' without ')'")
+    fields = body.rsplit(":", 2)
+    if len(fields) == 1:
+        target, provider, name = fields[0], "*", "*"
+    elif len(fields) == 2:
+        target, (provider, name) = None, fields
+    else:
+        target, provider, name = fields
+    if target == "" or not provider or not name:
+        raise SdtraceError(f"bad probe spec {text!r}: expected [TARGET:]PROVIDER:NAME[(TYPE,...)]")
+    return ProbeSpec(text, target, provider, name, types)
+
+
+def _argument_type(text, entry):
+    entry = entry.strip()
+    if not entry:
+        return None
+    if entry not in ARGUMENT_TYPES:
+        raise SdtraceError(f"bad probe spec {text!r}: unknown argument type {entry!r} "
+                           f"(expected one of {', '.join(sorted(ARGUMENT_TYPES))} or empty)")
+    return entry
+
+
+def select_probes(specs, context_files=()):
+    """[(probe, spec)] for every site that a spec selects, in file order.
+
+    `context_files` are the objects searched by specs without a target.  A
+    spec that selects nothing is an error naming the spec and where it looked.
+    """
+    from . import notes, targets
+
+    cache = {}
+
+    def probes_of(path):
+        if path not in cache:
+            cache[path] = notes.read_probes(path)
+        return cache[path]
+
+    selected = []
+    for spec in specs:
+        if spec.target is not None:
+            files = [targets.resolve_target(spec.target)]
+        elif context_files:
+            files = list(context_files)
+        else:
+            raise SdtraceError(f"probe spec {spec.text!r} names no target: "
+                               "write TARGET:PROVIDER:NAME or give -p PID / -c CMD")
+        found = [(probe, spec) for path in files for probe in probes_of(path) if spec.matches(probe)]
+        if not found:
+            where = files[0] if len(files) == 1 else f"{len(files)} objects"
+            if spec.target is not None and not probes_of(files[0]):
+                raise SdtraceError(f"{files[0]}: no SDT notes (.note.stapsdt) in this file")
+            raise SdtraceError(f"no probe matches {spec.text!r} in {where}")
+        selected.extend(found)
+    return selected

@@ -1,0 +1,111 @@
+"""Discovery against real binaries, checked against an oracle built from readelf.
+
+The oracle reads `readelf -n` (the notes) and `readelf -lW` / `readelf -SW`
+(segments and sections) and computes file offsets itself, so a mistake in
+sdtrace's ELF reader cannot also be a mistake in the expected values.
+"""
+import os
+import re
+import subprocess
+
+import pytest
+
+from sdtrace import notes, operands
+
+REAL_TARGETS = [
+    "/usr/bin/python3.11",
+    "/usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0",
+    "/usr/lib/postgresql/15/bin/postgres",
+    "/usr/lib/jvm/java-17-openjdk-amd64/lib/server/libjvm.so",
+    "/usr/lib/x86_64-linux-gnu/libstdc++.so.6",
+]
+
+NOTE = re.compile(
+    r"Provider: (?P<provider>\S+)\s+Name: (?P<name>\S+)\s+"
+    r"Location: (?P<site>0x[0-9a-f]+), Base: (?P<base>0x[0-9a-f]+), "
+    r"Semaphore: (?P<semaphore>0x[0-9a-f]+)\s+Arguments:(?P<args>[^\n]*)")
+LOAD = re.compile(r"^\s*LOAD\s+(0x[0-9a-f]+)\s+(0x[0-9a-f]+)\s+0x[0-9a-f]+\s+(0x[0-9a-f]+)\s+"
+                  r"0x[0-9a-f]+\s+([RWE ]+?)\s+0x", re.M)
+
+
+def readelf(*args):
+    return subprocess.run(["readelf", "--wide", *args], check=True, capture_output=True,
+                          text=True).stdout
+
+
+def oracle(path):
+    """[(provider, name, site offset, semaphore offset or None, args)] from readelf."""
+    segments = [(int(offset, 16), int(vaddr, 16), int(filesz, 16), "W" in flags)
+                for offset, vaddr, filesz, flags in LOAD.findall(readelf("-l", path))]
+    base_match = re.search(r"\.stapsdt\.base\s+PROGBITS\s+([0-9a-f]+)", readelf("-S", path))
+    base_section = int(base_match.group(1), 16) if base_match else None
+
+    def file_offset(address, writable=False):
+        for offset, vaddr, filesz, is_writable in segments:
+            if vaddr <= address < vaddr + filesz and (is_writable or not writable):
+                return address - vaddr + offset
+        return None
+
+    expected = []
+    for match in NOTE.finditer(readelf("-n", path)):
+        site, base = int(match["site"], 16), int(match["base"], 16)
+        if base_section is not None and base:
+            site += base_section - base
+        semaphore = int(match["semaphore"], 16)
+        expected.append((match["provider"], match["name"], file_offset(site),
+                         file_offset(semaphore, writable=True) if semaphore else None,
+                         match["args"].strip()))
+    return expected
+
+
+@pytest.mark.parametrize("path", REAL_TARGETS, ids=os.path.basename)
+def test_real_binaries_agree_with_readelf(path):
+    if not os.path.exists(path):
+        pytest.skip(f"{path} is not installed on this machine")
+    expected = oracle(path)
+    assert expected, f"readelf found no SDT notes in {path}"
+    probes = notes.read_probes(path)
+    assert [(p.provider, p.name, p.offset, p.semaphore, p.args) for p in probes] == expected
+    for probe in probes:
+        unparsed = [op.text for op in probe.operands if op.kind == operands.UNPARSED]
+        assert not unparsed, f"{probe.qualified_name}: {unparsed}"
+        assert len(probe.operands) == probe.args.count("@")
+
+
+def test_postgres_sites_all_have_semaphores():
+    """postgres 15: 71 sites, each guarded by a semaphore; some semaphores guard several sites."""
+    postgres = "/usr/lib/postgresql/15/bin/postgres"
+    if not os.path.exists(postgres):
+        pytest.skip("postgres 15 is not installed")
+    probes = notes.read_probes(postgres)
+    assert len(probes) == 71 and all(p.semaphore is not None for p in probes)
+    by_semaphore = {}
+    for probe in probes:
+        by_semaphore.setdefault(probe.semaphore, set()).add(probe.qualified_name)
+    assert len(by_semaphore) < len(probes)  # several sites of one probe share its semaphore
+    assert all(len(names) == 1 for names in by_semaphore.values())  # one probe per semaphore
+
+
+def test_fixture_semaphores_shared_and_per_site(fixtures):
+    probes = notes.read_probes(fixtures.path("persite"))
+    per_site = [p for p in probes if p.name == "hit"]
+    shared = [p for p in probes if p.name == "shared"]
+    assert len(per_site) == 2 and len({p.semaphore for p in per_site}) == 2
+    assert len(shared) == 2 and len({p.semaphore for p in shared}) == 1
+    assert all(p.semaphore is not None for p in per_site + shared)
+
+
+def test_fixture_library_semaphore_in_writable_segment(fixtures):
+    library = fixtures.path("libsdtsem.so")
+    [tick] = [p for p in notes.read_probes(library) if p.name == "tick"]
+    assert tick.semaphore == oracle(library)[0][3] != None  # noqa: E711
+
+
+def test_twelve_arguments(fixtures, opt):
+    [twelve] = [p for p in notes.read_probes(fixtures.path("values", opt)) if p.name == "twelve"]
+    assert len(twelve.operands) == 12
+    assert all(op.kind != operands.UNPARSED for op in twelve.operands)
+
+
+def test_file_without_notes(fixtures):
+    assert notes.read_probes(fixtures.path("nosdt")) == []
