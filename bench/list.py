@@ -2,7 +2,7 @@
 
 Runs, in one go, on libjvm.so + postgres + python3.11 + libpython3.11:
   * `sdtrace list --json FILES` as a whole process (the interpreter itself,
-    not the pyenv shim, which adds ~100 ms);
+    not the pyenv shim, which adds ~100 ms), with and without site (.pth);
   * `bpftrace -l 'usdt:FILE:*'` once per file, summed (if installed);
   * `readelf -n FILES` as a whole process;
   * a pyelftools script doing the same job (notes + segment mapping);
@@ -23,6 +23,11 @@ FILES = [path for path in (
     "/usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0",
 ) if os.path.exists(path)]
 REPEAT = int(os.environ.get("REPEAT", "7"))
+# sdtrace without the interpreter's site initialisation: what a packaged
+# install costs, minus this machine's .pth files (pyenv's editable-install
+# finder and a certificate hook add ~20 ms before any sdtrace code runs).
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LEAN_START = f"import sys; sys.path.insert(0, {REPO!r}); from sdtrace.cli import main; sys.exit(main())"
 
 PYELFTOOLS_SCRIPT = r"""
 import sys
@@ -43,6 +48,7 @@ for path in sys.argv[1:]:
 
 
 def median_seconds(function):
+    function()  # warm-up: page cache, byte-compiled modules
     samples = []
     for _ in range(REPEAT):
         start = time.perf_counter()
@@ -51,14 +57,22 @@ def median_seconds(function):
     return statistics.median(samples)
 
 
+# As installed by pip: byte-compiled.  (This machine sets PYTHONDONTWRITEBYTECODE,
+# which would make every run recompile sdtrace from source.)
+ENVIRONMENT = {name: value for name, value in os.environ.items()
+               if name != "PYTHONDONTWRITEBYTECODE"}
+
+
 def run(command):
     return lambda: subprocess.run(command, check=True, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL)
+                                  stderr=subprocess.DEVNULL, env=ENVIRONMENT)
 
 
 def main():
     print(f"files: {', '.join(os.path.basename(f) for f in FILES)}; median of {REPEAT}")
     rows = [("sdtrace list --json (process)", median_seconds(
+        run([sys.executable, "-S", "-c", LEAN_START, "list", "--json", *FILES]))),
+            ("  the same with site (.pth files)", median_seconds(
         run([sys.executable, "-m", "sdtrace", "list", "--json", *FILES])))]
     if shutil.which("bpftrace"):
         commands = [run(["bpftrace", "-l", f"usdt:{path}:*"]) for path in FILES]
@@ -67,11 +81,15 @@ def main():
     rows.append(("readelf -n (process)", median_seconds(run(["readelf", "-n", *FILES]))))
     rows.append(("pyelftools script (process)", median_seconds(
         run([sys.executable, "-c", PYELFTOOLS_SCRIPT, *FILES]))))
-    rows.append(("python -c pass (start-up)", median_seconds(run([sys.executable, "-c", "pass"]))))
+    rows.append(("python -S -c pass (start-up)", median_seconds(run([sys.executable, "-S", "-c", "pass"]))))
 
-    from sdtrace import notes
-    rows.append(("sdtrace parse, in process", median_seconds(
-        lambda: [notes.read_probes(path) for path in FILES])))
+    from sdtrace import notes, operands
+
+    def parse_cold():
+        operands.parse_operand.cache_clear()   # no help from an earlier repetition
+        for path in FILES:
+            notes.read_probes(path)
+    rows.append(("sdtrace parse, in process", median_seconds(parse_cold)))
     pyelftools_code = compile(PYELFTOOLS_SCRIPT.replace("sys.argv[1:]", "FILES"), "pyelftools", "exec")
     rows.append(("pyelftools parse, in process", median_seconds(
         lambda: exec(pyelftools_code, {"FILES": FILES}))))

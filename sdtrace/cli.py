@@ -21,7 +21,8 @@ def _add_target_options(parser):
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="sdtrace", description="Trace USDT (SystemTap SDT) markers.")
-    commands = parser.add_subparsers(dest="subcommand", metavar="COMMAND")
+    # prog= spares argparse a HelpFormatter (and its shutil/lzma imports) at start-up
+    commands = parser.add_subparsers(dest="subcommand", metavar="COMMAND", prog="sdtrace")
     commands.required = True
 
     listing = commands.add_parser(
@@ -49,6 +50,16 @@ def build_parser():
         "cleanup", help="remove what dead sdtrace sessions left behind",
         description="Remove uprobe definitions of sdtrace sessions whose owner has exited.")
     cleanup.set_defaults(run=run_cleanup)
+
+    semaphores = commands.add_parser(
+        "semaphores", help="show SDT semaphores in running processes",
+        description="Show every SDT semaphore of every process (or PID): its address, value, "
+                    "whether a site of its probe is armed (int3 in place), and LEAKED when "
+                    "it is above 0 with nothing armed. SPEC is [TARGET:]PROVIDER:NAME.")
+    semaphores.add_argument("-p", "--pid", type=int, help="only process PID")
+    semaphores.add_argument("--json", action="store_true", help="write JSON lines")
+    semaphores.add_argument("specs", nargs="*", metavar="SPEC")
+    semaphores.set_defaults(run=run_semaphores)
     return parser
 
 
@@ -106,7 +117,6 @@ def run_list(args):
 
 def run_trace(args):
     import collections
-    import signal
     import time
 
     from . import output
@@ -114,32 +124,31 @@ def run_trace(args):
 
     if args.count is not None and args.count <= 0:
         raise SdtraceError("-n: COUNT must be positive")
-    signal.signal(signal.SIGTERM, _interrupt)
+    stop = _StopFlag()
     session = Session(args.specs, pid=args.pid, command=args.command, buffer_pages=args.buffer_pages)
     sink = _open_output(args.output)
     writer = output.EventWriter(args.json)
     counts = collections.Counter()
     written = reported_lost = 0
+    armed = False
     try:
         with session:
+            armed = True
             for message in session.warnings:
                 warn(message)
             sys.stderr.write(f"sdtrace: tracing {len(session.sites)} site(s); Ctrl-C to end\n")
             deadline = None if args.duration is None else time.monotonic() + args.duration
-            try:
-                while written != args.count:
-                    running = session.running
-                    records = session.read_records(0.1 if deadline is None
-                                                   else max(0.0, min(0.1, deadline - time.monotonic())))
-                    written += _emit(records, args.count, written, writer, sink, counts)
-                    if session.lost != reported_lost:
-                        sys.stderr.write(f"sdtrace: lost {session.lost - reported_lost} events "
-                                         f"(ring full; try --buffer-pages)\n")
-                        reported_lost = session.lost
-                    if not running or (deadline is not None and time.monotonic() >= deadline):
-                        break
-            except KeyboardInterrupt:
-                pass
+            while written != args.count and not stop.requested:
+                running = session.running
+                records = session.read_records(0.1 if deadline is None
+                                               else max(0.0, min(0.1, deadline - time.monotonic())))
+                written += _emit(records, args.count, written, writer, sink, counts)
+                if session.lost != reported_lost:
+                    sys.stderr.write(f"sdtrace: lost {session.lost - reported_lost} events "
+                                     f"(ring full; try --buffer-pages)\n")
+                    reported_lost = session.lost
+                if not running or (deadline is not None and time.monotonic() >= deadline):
+                    break
             if written != args.count:
                 written += _emit(session.finish(), args.count, written, writer, sink, counts)
             session.stop_command()
@@ -147,11 +156,30 @@ def run_trace(args):
         sink.flush()
         if sink is not sys.stdout:
             sink.close()
-        probe_counts = collections.Counter()
-        for site, count in counts.items():
-            probe_counts[site.probe] += count
-        sys.stderr.write(output.summary(probe_counts, session.lost))
+        if armed:
+            probe_counts = collections.Counter()
+            for site, count in counts.items():
+                probe_counts[site.probe] += count
+            sys.stderr.write(output.summary(probe_counts, session.lost))
     return session.exit_status or 0
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM ask the trace loop to stop at its next turn (within 0.1 s).
+
+    A flag, not KeyboardInterrupt: an exception raised between reading a ring
+    and writing its events would lose them.
+    """
+
+    def __init__(self):
+        import signal
+
+        self.requested = False
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self._request)
+
+    def _request(self, _signum, _frame):
+        self.requested = True
 
 
 def _emit(records, limit, written, writer, sink, counts):
@@ -164,10 +192,6 @@ def _emit(records, limit, written, writer, sink, counts):
         sink.write(writer.format(records))
         counts.update(map(operator.itemgetter(5), records))
     return len(records)
-
-
-def _interrupt(_signum, _frame):
-    raise KeyboardInterrupt
 
 
 def _open_output(path):
@@ -186,6 +210,21 @@ def run_cleanup(_args):
     for group in removed:
         sys.stderr.write(f"sdtrace: removed stale uprobe group {group}\n")
     sys.stderr.write(f"sdtrace: {len(removed)} stale group(s) removed\n")
+    return 0
+
+
+def run_semaphores(args):
+    import json
+
+    from . import audit
+    from .specs import parse_spec
+
+    specs = [parse_spec(text) for text in args.specs]
+    states = audit.audit(args.pid, specs, warn=warn)
+    if args.json:
+        sys.stdout.write("".join(json.dumps(audit.state_record(state)) + "\n" for state in states))
+    elif states:
+        sys.stdout.write(audit.state_table(states) + "\n")
     return 0
 
 

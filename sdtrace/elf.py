@@ -234,29 +234,45 @@ class ElfFile:
         return found
 
     def symbol_values(self, wanted):
-        """{name: value} for the names in `wanted` found in .symtab, then .dynsym."""
+        """{name: value} for the names in `wanted` found in .symtab, then .dynsym.
+
+        Rather than decoding every symbol (libjvm.so has tens of thousands),
+        find each name in the string table first, then the symbol entries
+        whose name index points at it: both are byte searches done in C.
+        """
         found = {}
-        remaining = set(wanted)
-        for table in sorted((s for s in self.sections if s.type in (SHT_SYMTAB, SHT_DYNSYM)),
-                            key=lambda s: s.type != SHT_SYMTAB):
-            if not remaining:
-                break
-            if table.link >= len(self.sections):
+        tables = sorted((s for s in self.sections if s.type in (SHT_SYMTAB, SHT_DYNSYM)),
+                        key=lambda s: s.type != SHT_SYMTAB)
+        symbol = self.layout.symbol
+        name_index = struct.Struct(symbol.format[0] + "I")  # st_name leads both layouts
+        value_field = 4 if self.layout.wide else 1
+        for table in tables:
+            remaining = [name for name in wanted if name not in found]
+            if not remaining or table.link >= len(self.sections) or table.entsize < symbol.size:
                 continue
             strings = self.sections[table.link]
             self._check_range(strings.offset, strings.size, "symbol string table")
-            encoded = {name.encode(): name for name in remaining}
-            for record in self._table(table.offset, table.entsize or self.layout.symbol.size,
-                                      table.size // (table.entsize or self.layout.symbol.size),
-                                      self.layout.symbol, "symbol"):
-                name_index = record[0]
-                value = record[4] if self.layout.wide else record[1]
-                if name_index == 0 or value == 0:
-                    continue
-                start = strings.offset + name_index
-                end = self.data.find(b"\0", start, strings.offset + strings.size)
-                name = encoded.get(self.data[start:end]) if end >= 0 else None
-                if name is not None and name not in found:
+            self._check_range(table.offset, table.size, "symbol table")
+            entries = self.data[table.offset:table.offset + table.size]
+            for name in remaining:
+                value = self._symbol_value(name, strings, entries, table.entsize, name_index,
+                                           value_field)
+                if value:
                     found[name] = value
-            remaining -= found.keys()
         return found
+
+    def _symbol_value(self, name, strings, entries, entry_size, name_index, value_field):
+        needle = name.encode() + b"\0"
+        start, end = strings.offset, strings.offset + strings.size
+        position = self.data.find(needle, start, end)
+        while position >= 0:                      # every place the string table holds the name
+            packed_index = name_index.pack(position - start)
+            entry = entries.find(packed_index)
+            while entry >= 0:                     # every symbol entry naming that place
+                if entry % entry_size == 0:
+                    value = self.layout.symbol.unpack_from(entries, entry)[value_field]
+                    if value:
+                        return value
+                entry = entries.find(packed_index, entry + 1)
+            position = self.data.find(needle, position + 1, end)
+        return 0

@@ -13,34 +13,36 @@ when it lies in the file-backed part of a writable PT_LOAD segment: that is
 the page the kernel's ref_ctr (and our /proc/PID/mem writer) will update.
 
 Operands that name a symbol relative to %rip are resolved here against the
-file's symbol tables to the file offset of symbol+offset; compiler-local
-labels (``.LC0``) are not in any table and stay unavailable.
+file's symbol tables to the link-time address of symbol+offset (which may
+lie in .bss: the fetch layer addresses it relative to the site, as the
+kernel does); compiler-local labels (``.LC0``) are not in any table and stay
+unavailable.
 """
-import dataclasses
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from collections import namedtuple
 
 from . import operands as ops
 from .elf import ElfError, ElfFile, PF_W
-from .operands import Operand
 
 NT_STAPSDT = 3
 STAPSDT_OWNER = b"stapsdt"
 
 
-@dataclass(frozen=True)
-class Probe:
-    file: str                      # absolute path as opened
-    provider: str
-    name: str
-    machine: str                   # "x86_64", "aarch64", ... (operands.parse_arguments' machine)
-    address: int                   # site virtual address, prelink-corrected
-    offset: int                    # site file offset (what uprobes take)
-    semaphore_address: int         # link-time address of the semaphore, 0 if none
-    semaphore: Optional[int]       # semaphore file offset (ref_ctr_offset), None if none/unusable
-    semaphore_error: Optional[str] # why a declared semaphore is unusable, else None
-    args: str                      # raw argument string from the note
-    operands: Tuple[Operand, ...]  # one per argument; RIP operands carry their file offset
+class Probe(namedtuple("Probe", "file provider name machine address offset semaphore_address "
+                               "semaphore semaphore_error args operands")):
+    """One probe site.
+
+    file               absolute path as opened
+    provider, name
+    machine            "x86_64", "aarch64", ... (operands.parse_arguments' machine)
+    address            site virtual address, prelink-corrected
+    offset             site file offset (what uprobes take)
+    semaphore_address  link-time address of the semaphore, 0 if none
+    semaphore          semaphore file offset (the kernel's ref_ctr_offset), None if none/unusable
+    semaphore_error    why a declared semaphore is unusable, else None
+    args               raw argument string from the note
+    operands           one Operand per argument; RIP operands carry their resolved address
+    """
+    __slots__ = ()
 
     @property
     def qualified_name(self):
@@ -90,7 +92,7 @@ def _probes(elf, path, records):
     for (provider, name, site, semaphore_address, args), operands in zip(records, parsed):
         semaphore, semaphore_error = _semaphore_offset(elf, semaphore_address)
         if symbols is not None:
-            operands = tuple(_resolve_rip(op, symbols, elf) for op in operands)
+            operands = tuple(_resolve_rip(op, symbols) for op in operands)
         probes.append(Probe(path, provider, name, elf.machine, site, site_offsets[site],
                             semaphore_address, semaphore, semaphore_error, args, operands))
     return probes
@@ -113,16 +115,12 @@ def _rip_symbols(elf, parsed):
     return elf.symbol_values(wanted) if wanted else None
 
 
-def _resolve_rip(operand, symbols, elf):
+def _resolve_rip(operand, symbols):
     if operand.kind != ops.RIP or not operand.symbol:
         return operand
+    if "@" in operand.symbol:
+        return operand._replace(error=f"{operand.symbol} names a GOT slot, not the variable")
     value = symbols.get(operand.symbol)
     if value is None:
-        return dataclasses.replace(
-            operand, error=f"symbol {operand.symbol} is not in the symbol tables")
-    address = value + operand.offset
-    segment = elf.load_segment(address)
-    if segment is None:
-        return dataclasses.replace(
-            operand, error=f"{operand.symbol} is not in the file-backed part of the image")
-    return dataclasses.replace(operand, file_offset=address - segment.vaddr + segment.offset)
+        return operand._replace(error=f"symbol {operand.symbol} is not in the symbol tables")
+    return operand._replace(address=value + operand.offset)

@@ -38,10 +38,11 @@ written; resolving them is another layer's job.  A displacement that names a
 symbol without a %rip base (non-PIE ``counter(,%rax,8)``) is absolute and has
 no Operand kind, so it is UNPARSED.
 """
+from __future__ import annotations
+
 import functools
 import re
-from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from collections import namedtuple
 
 REGISTER = "register"    # value is in `register` (bits `bit_offset`.. of it)
 MEMORY = "memory"        # value at [base + offset]
@@ -52,23 +53,25 @@ VECTOR = "vector"        # value is in a vector/FP register (e.g. %xmm0); backen
 UNPARSED = "unparsed"    # `error` says why
 
 
-@dataclass(frozen=True)
-class Operand:
-    text: str                       # the spec as written, e.g. "-4@%edi"
-    size: int                       # 1, 2, 4 or 8 (bytes)
-    signed: bool
-    is_float: bool
-    kind: str                       # one of the constants above
-    register: Optional[str] = None  # canonical full-width name: x86 "rax".."r15","rip"; aarch64 "x0".."x30","sp"; ...
-    bit_offset: int = 0             # 8 for %ah/%bh/%ch/%dh, else 0
-    base: Optional[str] = None      # canonical register name, for MEMORY and SIB
-    index: Optional[str] = None     # canonical register name, for SIB
-    scale: int = 1                  # for SIB
-    offset: int = 0                 # displacement for MEMORY/SIB/RIP
-    value: Optional[int] = None     # IMMEDIATE, already wrapped to size/signedness (1@$-127 -> 129)
-    symbol: Optional[str] = None    # RIP: the symbol name
-    error: Optional[str] = None     # UNPARSED: why
-    file_offset: Optional[int] = None  # RIP: file offset of symbol+offset, set by notes.py
+# One typed operand.  A namedtuple, not a dataclass: discovery runs at every
+# start-up and `dataclasses` costs more to import than parsing a whole file.
+#   text        the spec as written, e.g. "-4@%edi"
+#   size        1, 2, 4 or 8 (bytes)
+#   signed, is_float
+#   kind        one of the constants above
+#   register    canonical full-width name: x86 "rax".."r15"; aarch64 "x0".."x30", "sp"; ...
+#   bit_offset  8 for %ah/%bh/%ch/%dh, else 0
+#   base, index canonical register names, for MEMORY and SIB (SIB base may be None)
+#   scale       for SIB
+#   offset      displacement for MEMORY/SIB/RIP
+#   value       IMMEDIATE, already wrapped to size/signedness (1@$-127 -> 129)
+#   symbol      RIP: the symbol name
+#   error       UNPARSED (or unresolvable RIP): why
+#   address     RIP: link-time address of symbol+offset, set by notes.py
+Operand = namedtuple(
+    "Operand", "text size signed is_float kind register bit_offset base index scale offset "
+               "value symbol error address",
+    defaults=(None, 0, None, None, 1, 0, None, None, None, None))
 
 
 MAX_SPEC_LENGTH = 256     # longer specs are UNPARSED without being looked at
@@ -142,7 +145,7 @@ def _scale(text: str) -> int:
 # ------------------------------------------------------------------- x86 --
 
 @functools.lru_cache(maxsize=None)
-def _x86_registers(machine: str) -> Dict[str, Tuple[str, int, bool]]:
+def _x86_registers(machine: str) -> dict[str, tuple[str, int, bool]]:
     """Register name -> (canonical name, bit offset, usable as an address)."""
     sixty_four = machine == "x86_64"
     # 64-bit, 32-bit, 16-bit, low byte, high byte (bits 8-15)
@@ -166,14 +169,14 @@ def _x86_registers(machine: str) -> Dict[str, Tuple[str, int, bool]]:
     return registers
 
 
-def _x86_address_register(text: str, registers: Dict[str, Tuple[str, int, bool]]) -> str:
+def _x86_address_register(text: str, registers: dict[str, tuple[str, int, bool]]) -> str:
     entry = registers.get(text[1:]) if text.startswith("%") else None
     if entry is None or not entry[2]:
         raise _naming("bad address register", text)
     return entry[0]
 
 
-def _x86_symbolic_displacement(text: str) -> Tuple[Optional[str], int]:
+def _x86_symbolic_displacement(text: str) -> tuple[str | None, int]:
     """``-24``, ``sym``, ``sym+8``, ``sym-8``, ``8+sym`` -> (symbol, offset)."""
     if not text or re.fullmatch(_NUMBER, text):
         return None, _displacement(text)
@@ -276,7 +279,7 @@ def _aarch64_address_register(name: str) -> str:
     return "sp" if name == "sp" else f"x{int(match[1])}"
 
 
-def _aarch64_register(name: str) -> Optional[dict]:
+def _aarch64_register(name: str) -> dict | None:
     if name in ("xzr", "wzr"):
         return {"kind": IMMEDIATE, "value": 0}
     if name in ("sp", "wsp"):
@@ -297,7 +300,7 @@ _ARM_ALIASES = {"sb": "r9", "sl": "r10", "fp": "fp", "r11": "fp", "ip": "ip", "r
                 "sp": "sp", "r13": "sp", "lr": "lr", "r14": "lr", "pc": "pc", "r15": "pc"}
 
 
-def _arm_canonical(name: str) -> Optional[str]:
+def _arm_canonical(name: str) -> str | None:
     return name if re.fullmatch(r"r[0-9]|r10", name) else _ARM_ALIASES.get(name)
 
 
@@ -308,7 +311,7 @@ def _arm_address_register(name: str) -> str:
     return canonical
 
 
-def _arm_register(name: str) -> Optional[dict]:
+def _arm_register(name: str) -> dict | None:
     canonical = _arm_canonical(name)
     return None if canonical is None else {"kind": REGISTER, "register": canonical}
 
@@ -417,7 +420,7 @@ _OPERAND_GRAMMARS = {"x86_64": _parse_x86_64, "i386": _parse_i386, "aarch64": _p
 
 # ----------------------------------------------------------------- public --
 
-def _split_specs(text: str) -> List[str]:
+def _split_specs(text: str) -> list[str]:
     """Split on whitespace that is not inside brackets or parentheses."""
     specs, current, depth = [], [], 0
     for char in text:
@@ -442,6 +445,7 @@ def _architecture_name(machine) -> str:
     return repr(machine)[:40]
 
 
+@functools.lru_cache(maxsize=4096)   # real files repeat a few hundred distinct specs
 def parse_operand(spec: str, machine: str) -> Operand:
     """Parse one ``[-]N[f]@OPERAND`` spec for `machine`; never raises."""
     prefix = re.match(_SIZE_PREFIX, spec[:32])
@@ -475,7 +479,7 @@ def parse_operand(spec: str, machine: str) -> Operand:
     return Operand(spec, size, signed, is_float, **location)
 
 
-def parse_arguments(text: str, machine: str) -> Tuple[Operand, ...]:
+def parse_arguments(text: str, machine: str) -> tuple[Operand, ...]:
     """Every spec of a note's argument string, in order; never raises."""
     return tuple(parse_operand(spec, machine) for spec in _split_specs(text))
 

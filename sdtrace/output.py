@@ -33,8 +33,8 @@ def operand_record(operand):
         record["bit_offset"] = operand.bit_offset
     if operand.value is not None:
         record["value"] = operand.value
-    if getattr(operand, "file_offset", None) is not None:
-        record["file_offset"] = operand.file_offset
+    if operand.address is not None:
+        record["address"] = operand.address
     return record
 
 

@@ -14,21 +14,18 @@ two fields has no target: the probes are searched in the objects of the
 process (``-p``) or command (``-c``) being traced.
 """
 import fnmatch
-from dataclasses import dataclass
-from typing import Optional, Tuple
+from collections import namedtuple
 
 from .errors import SdtraceError
 
 ARGUMENT_TYPES = {"str", "s8", "s16", "s32", "s64", "u8", "u16", "u32", "u64"}
 
 
-@dataclass(frozen=True)
-class ProbeSpec:
-    text: str
-    target: Optional[str]           # path or library name, None to search the context
-    provider: str                   # glob
-    name: str                       # glob
-    types: Tuple[Optional[str], ...] = ()  # per argument: a type from ARGUMENT_TYPES, or None
+class ProbeSpec(namedtuple("ProbeSpec", "text target provider name types")):
+    """A parsed spec: `target` is a path or library name (None: search the
+    context), `provider` and `name` are globs, `types` holds per argument a
+    type from ARGUMENT_TYPES or None."""
+    __slots__ = ()
 
     def matches(self, probe):
         return (fnmatch.fnmatchcase(probe.provider, self.provider)

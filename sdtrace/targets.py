@@ -15,8 +15,6 @@ For ``-c CMD`` the objects are the command's executable and, transitively,
 the DT_NEEDED libraries the loader will map.
 """
 import os
-import platform
-import shutil
 import struct
 
 from .elf import DT_NEEDED, DT_RPATH, DT_RUNPATH, ELF_MAGIC, ElfError, ElfFile
@@ -30,8 +28,9 @@ CACHE_HEADER = struct.Struct("<IIB3xI12x")
 CACHE_ENTRY = struct.Struct("<iIIIQ")
 # ld.so.cache flag bits that name the ABI of an entry, per architecture.
 CACHE_ABI_FLAGS = {"x86_64": 0x0303, "aarch64": 0x0a03, "i386": 0x0003, "i686": 0x0003}
+MACHINE = os.uname().machine
 STANDARD_DIRS = (
-    f"/lib/{platform.machine()}-linux-gnu", f"/usr/lib/{platform.machine()}-linux-gnu",
+    f"/lib/{MACHINE}-linux-gnu", f"/usr/lib/{MACHINE}-linux-gnu",
     "/lib64", "/usr/lib64", "/lib", "/usr/lib", "/usr/local/lib",
 )
 
@@ -92,7 +91,7 @@ def _ld_cache_entries():
     if start < 0:
         return []
     nlibs, _strings_len, _flags, _ext = CACHE_HEADER.unpack_from(cache, start + len(CACHE_MAGIC))
-    abi = CACHE_ABI_FLAGS.get(platform.machine())
+    abi = CACHE_ABI_FLAGS.get(MACHINE)
     first = start + len(CACHE_MAGIC) + CACHE_HEADER.size
     entries = []
     for index in range(nlibs):
@@ -162,6 +161,8 @@ def _is_elf(path):
 
 def command_objects(command):
     """The executable `command` would run and the libraries the loader would map for it."""
+    import shutil
+
     executable = command if "/" in command else shutil.which(command)
     if executable is None or not os.path.exists(executable):
         raise SdtraceError(f"{command}: command not found")

@@ -109,3 +109,28 @@ def test_twelve_arguments(fixtures, opt):
 
 def test_file_without_notes(fixtures):
     assert notes.read_probes(fixtures.path("nosdt")) == []
+
+
+@pytest.mark.parametrize("path", REAL_TARGETS, ids=os.path.basename)
+def test_rip_operands_resolve_to_symbol_addresses(path):
+    """Every resolved sym+off(%rip) operand equals pyelftools' symbol value + off."""
+    if not os.path.exists(path):
+        pytest.skip(f"{path} is not installed on this machine")
+    from elftools.elf.elffile import ELFFile
+
+    rip = [op for probe in notes.read_probes(path) for op in probe.operands
+           if op.kind == operands.RIP and op.symbol]
+    if not rip:
+        return
+    with open(path, "rb") as elf_file:
+        elf = ELFFile(elf_file)
+        values = {}
+        for table in (elf.get_section_by_name(".dynsym"), elf.get_section_by_name(".symtab")):
+            for symbol in (table.iter_symbols() if table else ()):
+                if symbol["st_value"]:
+                    values.setdefault(symbol.name, symbol["st_value"])
+    for operand in rip:
+        if operand.symbol in values:
+            assert operand.address == values[operand.symbol] + operand.offset, operand.text
+        else:
+            assert operand.address is None and operand.error, operand.text

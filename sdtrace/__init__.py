@@ -1,0 +1,30 @@
+"""sdtrace: trace USDT (SystemTap SDT) markers on Linux, in pure Python.
+
+The public API, thin and stable:
+
+* ``Session(specs, pid=None, command=None, buffer_pages=None)`` -- a context
+  manager that arms probe specs and yields ``Event`` objects
+  (``ts, pid, tid, cpu, comm, probe, file, args``);
+* ``read_probes(path)`` -- the probe sites of an ELF file;
+* ``SdtraceError`` -- every user-facing failure, as one line.
+
+Names are imported on first use, so ``import sdtrace`` (and the command line,
+which lives in this package) stays cheap.
+"""
+from .errors import SdtraceError
+
+__all__ = ["Event", "Session", "SdtraceError", "read_probes"]
+
+_LAZY = {"Session": ("session", "Session"), "Event": ("events", "Event"),
+         "read_probes": ("notes", "read_probes")}
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'sdtrace' has no attribute {name!r}")
+    from importlib import import_module
+
+    module, attribute = _LAZY[name]
+    value = getattr(import_module(f".{module}", __name__), attribute)
+    globals()[name] = value
+    return value

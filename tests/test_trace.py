@@ -1,0 +1,384 @@
+"""`sdtrace trace` on the real kernel, with real processes.
+
+Every expected value comes from the traced program itself (the fixtures print
+the truth) or from the kernel's view of the process (/proc/PID/mem), never
+from sdtrace.
+"""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import Target, address_of, read_mem
+from sdtrace import notes
+
+SUMMARY = re.compile(r"^sdtrace: (\d+) events, (\d+) lost$")
+TRACING = "sdtrace: tracing"
+
+
+def sdtrace_command(*args):
+    return [sys.executable, "-m", "sdtrace", *args]
+
+
+def summary_counts(stderr):
+    """(events, lost) from the summary's last line, which scripts rely on."""
+    match = SUMMARY.match(stderr.strip().splitlines()[-1])
+    assert match, stderr
+    return int(match[1]), int(match[2])
+
+
+class Tracer:
+    """`sdtrace trace` running in the background, writing JSON events to a file."""
+
+    def __init__(self, tmp_path, *args):
+        self.output = tmp_path / f"events-{time.monotonic_ns()}.json"
+        self.process = subprocess.Popen(
+            sdtrace_command("trace", "--json", "-o", str(self.output), *args),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.stderr = ""
+        deadline = time.monotonic() + 60
+        while TRACING not in self.stderr:
+            line = self.process.stderr.readline()
+            if not line or time.monotonic() > deadline:
+                self.process.kill()
+                raise AssertionError(f"tracer did not arm: {self.stderr}{self.process.stderr.read()}")
+            self.stderr += line
+
+    def stop(self, sig=signal.SIGINT):
+        """Stop the tracer; returns the events it wrote."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        _out, err = self.process.communicate(timeout=60)
+        self.stderr += err
+        return self.events()
+
+    def events(self):
+        return [json.loads(line) for line in self.output.read_text().splitlines()]
+
+    def kill(self):
+        """Make sure the tracer is gone (a failed test's finally); never leaves definitions."""
+        if self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.communicate()
+            subprocess.run(sdtrace_command("cleanup"), capture_output=True, timeout=60)
+
+
+def semaphore_of(path, probe_name):
+    [semaphore] = {p.semaphore for p in notes.read_probes(path) if p.name == probe_name}
+    return semaphore
+
+
+def counter(pid, library, semaphore_offset):
+    """The 16-bit semaphore as the process sees it, read through /proc/PID/mem."""
+    address = address_of(pid, library, semaphore_offset, perms="rw-p")
+    return int.from_bytes(read_mem(pid, address, 2), "little")
+
+
+def wait_for(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+# -- values --------------------------------------------------------------------
+
+def test_every_value_type_decodes_to_the_truth(fixtures, opt, tmp_path):
+    """-c: every probe of `values` at -O0/-O2 decodes to what the program printed."""
+    program = fixtures.path("values", opt)
+    output = tmp_path / "events.json"
+    result = subprocess.run(
+        sdtrace_command("trace", "--json", "-o", str(output), "-c", program,
+                        "values:strings(str,str)", "values:*"),
+        input="fire 1\nvalues\n", capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    truth = {record["probe"]: record["args"] for record in
+             (json.loads(line) for line in result.stdout.splitlines() if line.startswith("{"))}
+    events = {event["probe"]: event for event in
+              (json.loads(line) for line in output.read_text().splitlines())}
+    assert "guarded 1" in result.stdout.splitlines(), "the semaphore was not set before the hit"
+    unavailable = {line for line in result.stderr.splitlines() if "unavailable" in line}
+    for probe, expected in truth.items():
+        event = events[probe]
+        assert event["pid"] == event["tid"] and event["comm"] == "values"
+        for index, (value, want) in enumerate(zip(event["args"], expected)):
+            if value is None:  # allowed only where attach time said so
+                assert any(f"{probe}: argument {index} is unavailable" in line
+                           for line in unavailable), (probe, index)
+            else:
+                assert value == want, (probe, index, event["args"], expected)
+    assert events["values:twelve"]["args"] == truth["values:twelve"]
+    assert events["values:imm"]["args"] == truth["values:imm"]
+    assert events["values:strings"]["args"] == truth["values:strings"]
+    assert summary_counts(result.stderr) == (len(truth), 0)
+
+
+# -- semaphores ------------------------------------------------------------------
+
+def test_semaphore_exactly_one_per_process_with_relro_split(fixtures, tmp_path):
+    library = fixtures.path("libsdtsem.so")
+    semaphore = semaphore_of(library, "tick")
+    with Target(fixtures.path("semuser"), library) as before:
+        before.send("load")
+        file_mappings = [m for m in __import__("conftest").maps(before.pid) if m.path == library]
+        assert len(file_mappings) >= 4 and any(m.perms == "r--p" and m.offset > 0
+                                               for m in file_mappings), "no RELRO split"
+        tracer = Tracer(tmp_path, f"{library}:semlib:tick")
+        try:
+            assert wait_for(lambda: counter(before.pid, library, semaphore) == 1)
+            with Target(fixtures.path("semuser"), library) as after:
+                after.send("load")
+                assert wait_for(lambda: counter(after.pid, library, semaphore) == 1)
+                assert after.send("fire 2") == ["enabled 1"]
+                assert before.send("fire 3") == ["enabled 1"]
+                time.sleep(0.3)
+                assert counter(before.pid, library, semaphore) == 1
+                events = tracer.stop()
+                assert counter(after.pid, library, semaphore) == 0
+            assert counter(before.pid, library, semaphore) == 0
+        finally:
+            tracer.kill()
+    by_pid = {}
+    for event in events:
+        by_pid.setdefault(event["pid"], []).append(event["args"][0])
+    assert by_pid == {after.pid: [0, 1], before.pid: [0, 1, 2]}
+    assert summary_counts(tracer.stderr) == (5, 0)
+
+
+def test_pid_scope_traces_only_that_process(fixtures, tmp_path):
+    library = fixtures.path("libsdtsem.so")
+    semaphore = semaphore_of(library, "tick")
+    with Target(fixtures.path("semuser"), library) as traced, \
+            Target(fixtures.path("semuser"), library) as other:
+        traced.send("load")
+        other.send("load")
+        tracer = Tracer(tmp_path, "-p", str(traced.pid), "semlib:tick")
+        try:
+            assert wait_for(lambda: counter(traced.pid, library, semaphore) == 1)
+            assert counter(other.pid, library, semaphore) == 0
+            traced.send("fire 2")
+            events = tracer.stop()
+        finally:
+            tracer.kill()
+        assert counter(traced.pid, library, semaphore) == 0
+    assert [(e["pid"], e["args"][0]) for e in events] == [(traced.pid, 0), (traced.pid, 1)]
+
+
+def test_command_sees_semaphore_from_its_first_instruction(fixtures, tmp_path):
+    """-c: the library is loaded after exec and its counter is raised once; exit status is kept."""
+    library = fixtures.path("libsdtsem.so")
+    output = tmp_path / "events.json"
+    result = subprocess.run(
+        sdtrace_command("trace", "--json", "-o", str(output), "-c",
+                        f"{fixtures.path('semuser')} {library}", f"{library}:semlib:tick"),
+        input="load\nsem\nfire 2\nsem\n", capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines().count("sem 1") == 2
+    assert "enabled 1" in result.stdout
+    events = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [e["args"][0] for e in events] == [0, 1]
+    failing = subprocess.run(sdtrace_command("trace", "-c", "sh -c 'exit 7'",
+                                             f"{library}:semlib:tick"),
+                             capture_output=True, text=True, timeout=120)
+    assert failing.returncode == 7, failing.stderr
+    assert summary_counts(failing.stderr) == (0, 0)
+
+
+def test_two_sessions_share_the_kernel_count_and_return_to_baseline(fixtures, tmp_path):
+    """The kernel keeps one uprobe per (inode, offset), whatever the number of
+    sessions, and counts the semaphore once for it: 1 while either session is
+    armed, 0 after both stopped, in either order."""
+    library = fixtures.path("libsdtsem.so")
+    semaphore = semaphore_of(library, "tick")
+    with Target(fixtures.path("semuser"), library) as target:
+        target.send("load")
+        first = Tracer(tmp_path, f"{library}:semlib:tick")
+        second = Tracer(tmp_path, f"{library}:semlib:*")
+        try:
+            assert wait_for(lambda: counter(target.pid, library, semaphore) == 1)
+            target.send("fire 1")
+            time.sleep(0.3)
+            first_events = first.stop()
+            assert counter(target.pid, library, semaphore) == 1
+            target.send("fire 1")
+            time.sleep(0.3)
+            second_events = second.stop()
+            assert counter(target.pid, library, semaphore) == 0
+        finally:
+            first.kill()
+            second.kill()
+    assert len(first_events) == 1 and len(second_events) == 2
+
+
+# -- real programs ---------------------------------------------------------------
+
+PYTHON = "/usr/bin/python3.11"
+SCRIPT = """
+import json, colorsys
+def alpha(x):
+    return x
+def beta(x):
+    return -x
+list(map(alpha, range(5)))
+sorted(range(3), key=beta)
+"""
+
+
+@pytest.mark.skipif(not os.path.exists(PYTHON), reason="Debian's python3.11 is not installed")
+def test_system_python_function_names_and_imports(tmp_path):
+    """CPython 3.11 fires function__entry for every frame only while its line
+    marker is armed too (that puts the eval loop on its tracing path)."""
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT)
+    output = tmp_path / "events.json"
+    result = subprocess.run(
+        sdtrace_command("trace", "--json", "-o", str(output), "--buffer-pages", "4096",
+                        "-c", f"{PYTHON} {script}", "python:function__entry(str,str)",
+                        "python:line", "python:import__find__load__start(str)"),
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    events = [json.loads(line) for line in output.read_text().splitlines()]
+    calls = [(e["args"][1], e["args"][2]) for e in events
+             if e["probe"] == "python:function__entry" and e["args"][0] == str(script)]
+    def_line = {name: SCRIPT.splitlines().index(f"def {name}(x):") + 1 for name in ("alpha", "beta")}
+    assert calls == ([("<module>", 0)] + [("alpha", def_line["alpha"])] * 5
+                     + [("beta", def_line["beta"])] * 3)
+    assert summary_counts(result.stderr)[1] == 0
+    imports = {e["args"][0] for e in events if e["probe"] == "python:import__find__load__start"}
+    assert {"json", "colorsys"} <= imports
+
+
+# -- lifetimes -------------------------------------------------------------------
+
+def test_sigkilled_tracer_leaves_nothing_armed(fixtures, tmp_path):
+    library = fixtures.path("libsdtsem.so")
+    [tick] = [p for p in notes.read_probes(library) if p.name == "tick"]
+    with Target(fixtures.path("semuser"), library) as target:
+        target.send("load")
+        site = address_of(target.pid, library, tick.offset)
+        tracer = Tracer(tmp_path, f"{library}:semlib:tick")
+        assert wait_for(lambda: counter(target.pid, library, tick.semaphore) == 1)
+        assert read_mem(target.pid, site, 1) == b"\xcc"
+        tracer.process.kill()
+        killed_at = time.monotonic()
+        tracer.process.wait()
+        assert wait_for(lambda: read_mem(target.pid, site, 1) != b"\xcc"
+                        and counter(target.pid, library, tick.semaphore) == 0, timeout=1.0)
+        assert time.monotonic() - killed_at <= 1.0
+        assert target.send("fire 1") == ["enabled 0"]
+    group = f"sdtrace_{tracer.process.pid}_"
+    with open("/sys/kernel/tracing/uprobe_events") as events:
+        assert group in events.read()
+    cleanup = subprocess.run(sdtrace_command("cleanup"), capture_output=True, text=True, timeout=60)
+    assert cleanup.returncode == 0, cleanup.stderr
+    with open("/sys/kernel/tracing/uprobe_events") as events:
+        assert group not in events.read()
+
+
+def test_sigterm_detaches_and_prints_summary(fixtures, tmp_path):
+    library = fixtures.path("libsdtsem.so")
+    with Target(fixtures.path("semuser"), library) as target:
+        target.send("load")
+        tracer = Tracer(tmp_path, f"{library}:semlib:tick")
+        try:
+            target.send("fire 4")
+            time.sleep(0.3)
+            events = tracer.stop(signal.SIGTERM)
+        finally:
+            tracer.kill()
+    assert tracer.process.returncode == 0
+    assert len(events) == 4
+    assert "semlib:tick" in tracer.stderr
+    assert summary_counts(tracer.stderr) == (4, 0)
+
+
+def test_loss_is_counted_exactly(fixtures, tmp_path):
+    """A one-page ring under a flood: events received + lost == hits fired."""
+    hits = 200_000
+    output = tmp_path / "events.json"
+    result = subprocess.run(
+        sdtrace_command("trace", "--json", "-o", str(output), "--buffer-pages", "1",
+                        "-c", fixtures.path("flood"), "flood:hit(,str)"),
+        input=f"fire {hits}\n", capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert f"fired {hits}" in result.stdout
+    received, lost = summary_counts(result.stderr)
+    assert received == len(output.read_text().splitlines())
+    assert lost > 0, "a one-page ring should overflow under this flood"
+    assert received + lost == hits
+    assert re.search(r"^sdtrace: lost \d+ events", result.stderr, re.M)
+
+
+def test_count_limit_stops_early(fixtures, tmp_path):
+    result = subprocess.run(
+        sdtrace_command("trace", "--json", "-n", "3", "-c", fixtures.path("flood"), "flood:hit"),
+        input="fire 10\n", capture_output=True, text=True, timeout=120)
+    events = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [e["args"] for e in events] == [[0, "flood"], [1, "flood"], [2, "flood"]] or \
+        [e["args"][0] for e in events] == [0, 1, 2]
+    assert summary_counts(result.stderr) == (3, 0)
+
+
+# -- the Python API ----------------------------------------------------------------
+
+def test_session_api_yields_events(fixtures):
+    import sdtrace
+
+    library = fixtures.path("libsdtsem.so")
+    with Target(fixtures.path("semuser"), library) as target:
+        target.send("load")
+        with sdtrace.Session([f"{library}:semlib:tick(,str)"], pid=target.pid) as session:
+            assert target.send("fire 2") == ["enabled 1"]
+            events = list(session.events(count=2, duration=10))
+    assert [(e.pid, e.probe, e.args[0]) for e in events] == [(target.pid, "semlib:tick", 0),
+                                                             (target.pid, "semlib:tick", 1)]
+    assert all(isinstance(e.args[1], str) and e.comm == "semuser" for e in events)
+
+
+# -- errors ------------------------------------------------------------------------
+
+def one_line_error(result, *words):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sdtrace: "), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_errors_are_one_clear_line(fixtures, tmp_path):
+    library = fixtures.path("libsdtsem.so")
+
+    def trace(*args, **options):
+        return subprocess.run(sdtrace_command("trace", *args), capture_output=True, text=True,
+                              timeout=60, **options)
+
+    one_line_error(trace(f"{library}:semlib:nothing"), "no probe matches")
+    one_line_error(trace("-p", "999999999", "semlib:tick"), "999999999", "does not exist")
+    one_line_error(trace(fixtures.path("nosdt")), "no SDT notes")
+    one_line_error(trace("-c", "/no/such/program", "x:y"), "/no/such/program")
+    one_line_error(trace(f"{library}:semlib:tick(str,str,str)"), "3 types", "2 arguments")
+
+
+def test_unprivileged_user_gets_one_line(fixtures):
+    """Run as nobody, with an interpreter nobody may execute (pyenv's lives under /root)."""
+    interpreter = "/usr/bin/python3.11"
+    if not os.path.exists(interpreter):
+        pytest.skip("needs /usr/bin/python3.11 to run sdtrace as an unprivileged user")
+    repository = os.path.dirname(os.path.dirname(os.path.abspath(__import__("sdtrace").__file__)))
+    result = subprocess.run(
+        [interpreter, "-m", "sdtrace", "trace", f"{fixtures.path('libsdtsem.so')}:semlib:tick"],
+        capture_output=True, text=True, timeout=60, cwd="/", preexec_fn=lambda: os.setuid(65534),
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": repository})
+    one_line_error(result, "root")
