@@ -1,0 +1,165 @@
+"""Benchmark: the cost of tracing, side by side with bpftrace, in one run.
+
+Target: the `flood` fixture (tests/fixtures/flood.c), whose probe
+flood:hit(long i, const char *s) is guarded by a semaphore and fired N times
+in a tight loop; the program itself reports the loop's wall time.  Each
+tracer attaches to a running flood with -p, so both pay the same costs.
+
+  1. per-hit cost in the traced program: untraced (semaphore 0) versus
+     `sdtrace trace --json -o FILE` versus bpftrace printf("%d %s", arg0,
+     str(arg1)); (loop time - untraced loop time) / N;
+  2. lossless throughput: events written + lost versus hits, and the rate at
+     which the tracer wrote them (events / time from the burst's start to the
+     tracer's last write);
+  3. start-to-armed latency: from spawning the tracer until the semaphore in
+     the running process reads 1 (what matters to a user: when do hits count).
+
+Run as root: python3 bench/trace.py [HITS]  (default 1,000,000; bpftrace's
+printf path is slow, so it gets HITS/10 and its per-hit figure is scaled).
+"""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FLOOD = os.path.join(REPO, "tests", "fixtures", "build", "O2", "flood")
+HITS = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
+ENVIRONMENT = {name: value for name, value in os.environ.items()
+               if name != "PYTHONDONTWRITEBYTECODE"}   # as installed: byte-compiled
+
+
+class Flood:
+    """A running flood process driven over stdin/stdout."""
+
+    def __init__(self):
+        self.process = subprocess.Popen([FLOOD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        text=True, bufsize=1)
+        self.pid = int(self.process.stdout.readline().split()[1])
+
+    def fire(self, hits):
+        """(hits that fired, loop nanoseconds, monotonic start time in seconds)."""
+        started = time.monotonic()
+        self.process.stdin.write(f"fire {hits}\n")
+        fired = int(self.process.stdout.readline().split()[1])
+        elapsed = int(self.process.stdout.readline().split()[1])
+        return fired, elapsed, started
+
+    def semaphore(self):
+        from sdtrace import notes
+
+        [probe] = notes.read_probes(FLOOD)
+        with open(f"/proc/{self.pid}/maps") as maps:
+            for line in maps:
+                fields = line.split()
+                start, end = (int(value, 16) for value in fields[0].split("-"))
+                offset = int(fields[2], 16)
+                if (fields[-1] == FLOOD and "w" in fields[1]
+                        and offset <= probe.semaphore < offset + end - start):
+                    address = start + probe.semaphore - offset
+                    with open(f"/proc/{self.pid}/mem", "rb") as memory:
+                        memory.seek(address)
+                        return int.from_bytes(memory.read(2), "little")
+        raise LookupError("flood's semaphore is not mapped")
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def start_tracer(command, flood, ready_text, stream):
+    """Spawn a tracer; return (process, seconds until flood's semaphore read 1)."""
+    started = time.monotonic()
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=stream,
+                               stderr=subprocess.PIPE, text=True, env=ENVIRONMENT)
+    while flood.semaphore() == 0:
+        if process.poll() is not None:
+            raise RuntimeError(f"{command[0]} exited: {process.stderr.read()}")
+        time.sleep(0.001)
+    armed = time.monotonic() - started
+    if ready_text:  # also wait until the tracer says it is reading
+        while ready_text not in process.stderr.readline():
+            pass
+    return process, armed
+
+
+def run_sdtrace(flood, untraced_ns, output):
+    command = [sys.executable, "-m", "sdtrace", "trace", "--json", "-o", output, "-p",
+               str(flood.pid), "flood:hit(,str)"]
+    process, armed = start_tracer(command, flood, "sdtrace: tracing", subprocess.DEVNULL)
+    fired, elapsed, started = flood.fire(HITS)
+    last_write = _wait_for_quiet_file(output)
+    process.send_signal(signal.SIGINT)
+    _out, err = process.communicate(timeout=120)
+    written, lost = (int(word) for word in err.strip().splitlines()[-1].split()[1:4:2])
+    return {"per_hit_us": (elapsed - untraced_ns) / fired / 1000, "fired": fired,
+            "written": written, "lost": lost, "rate": written / (last_write - started),
+            "armed_ms": armed * 1000}
+
+
+def run_bpftrace(flood, untraced_ns, output):
+    hits = max(1, HITS // 10)
+    program = f'usdt:{FLOOD}:flood:hit {{ printf("%d %s\\n", arg0, str(arg1)); }}'
+    with open(output, "w") as stream:
+        process, armed = start_tracer(["bpftrace", "-p", str(flood.pid), "-e", program],
+                                      flood, None, stream)
+        time.sleep(0.5)   # bpftrace's reader starts after its semaphore write
+        fired, elapsed, started = flood.fire(hits)
+        last_write = _wait_for_quiet_file(output)
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=120)
+    with open(output) as events:
+        written = sum(1 for line in events if line[:1].isdigit())
+    untraced_share = untraced_ns * hits / HITS
+    return {"per_hit_us": (elapsed - untraced_share) / fired / 1000, "fired": fired,
+            "written": written, "lost": fired - written, "rate": written / (last_write - started),
+            "armed_ms": armed * 1000}
+
+
+def _wait_for_quiet_file(path, quiet=0.5):
+    """The time of the file's last growth, once it has not grown for `quiet` seconds."""
+    size, changed = -1, time.monotonic()
+    while time.monotonic() - changed < quiet:
+        current = os.path.getsize(path)
+        if current != size:
+            size, changed = current, time.monotonic()
+        time.sleep(0.02)
+    return changed
+
+
+def main():
+    if not os.path.exists(FLOOD):
+        sys.exit(f"{FLOOD} is not built: run the test suite once (bash .ci/run)")
+    flood = Flood()
+    try:
+        fired, untraced_ns, _start = flood.fire(HITS)
+        if fired:
+            sys.exit("flood's semaphore is already set: another tracer is attached; "
+                     "run the benchmark on a quiet machine")
+        results = {}
+        with tempfile.TemporaryDirectory() as scratch:
+            results["sdtrace trace --json -o FILE"] = run_sdtrace(
+                flood, untraced_ns, os.path.join(scratch, "sdtrace.json"))
+            if shutil.which("bpftrace"):
+                results["bpftrace printf+str()"] = run_bpftrace(
+                    flood, untraced_ns, os.path.join(scratch, "bpftrace.txt"))
+    finally:
+        flood.close()
+    print(f"flood:hit(long, str), {HITS:,} hits; untraced loop {untraced_ns / HITS:.3f} µs/hit")
+    print(f"{'tracer':30} {'µs/hit':>8} {'fired':>10} {'written':>10} {'lost':>9} "
+          f"{'events/s':>10} {'armed ms':>9}")
+    for name, row in results.items():
+        print(f"{name:30} {row['per_hit_us']:8.2f} {row['fired']:10,} {row['written']:10,} "
+              f"{row['lost']:9,} {row['rate']:10,.0f} {row['armed_ms']:9.0f}")
+    if len(results) == 2:
+        ours, theirs = results.values()
+        print(f"bpftrace / sdtrace: per-hit cost {theirs['per_hit_us'] / ours['per_hit_us']:.1f}x, "
+              f"throughput {ours['rate'] / theirs['rate']:.1f}x, "
+              f"start-to-armed {theirs['armed_ms'] / ours['armed_ms']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
