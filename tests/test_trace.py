@@ -382,3 +382,55 @@ def test_unprivileged_user_gets_one_line(fixtures):
         capture_output=True, text=True, timeout=60, cwd="/", preexec_fn=lambda: os.setuid(65534),
         env={"PATH": "/usr/bin:/bin", "PYTHONPATH": repository})
     one_line_error(result, "root")
+
+
+POSTGRES_BIN = "/usr/lib/postgresql/15/bin"
+
+
+@pytest.fixture
+def postgres_server():
+    """A throw-away PostgreSQL 15 server on a Unix socket, run as `postgres`.
+
+    Its directory is not under pytest's tmp_path, which only root may enter."""
+    import pwd
+    import shutil
+    import tempfile
+
+    if not os.path.exists(f"{POSTGRES_BIN}/postgres") or not shutil.which("psql"):
+        pytest.skip("PostgreSQL 15 is not installed")
+    try:
+        owner = pwd.getpwnam("postgres")
+    except KeyError:
+        pytest.skip("no postgres user to run the server as")
+    scratch = tempfile.mkdtemp(prefix="sdtrace-postgres-")
+    os.chown(scratch, owner.pw_uid, owner.pw_gid)
+    data, socket_dir, log = (os.path.join(scratch, name) for name in ("data", "socket", "log"))
+
+    def as_postgres(*command, **options):
+        return subprocess.run(["runuser", "-u", "postgres", "--", *command], check=True,
+                              capture_output=True, text=True, timeout=120, **options)
+
+    as_postgres("mkdir", socket_dir)
+    as_postgres(f"{POSTGRES_BIN}/initdb", "-D", data, "--auth=trust")
+    try:
+        as_postgres(f"{POSTGRES_BIN}/pg_ctl", "-D", data, "-w", "-l", log,
+                    "-o", f"-k {socket_dir} -c listen_addresses=''", "start")
+        yield lambda sql: as_postgres("psql", "-h", socket_dir, "-d", "postgres", "-Atc", sql)
+    finally:
+        subprocess.run(["runuser", "-u", "postgres", "--", f"{POSTGRES_BIN}/pg_ctl", "-D", data,
+                        "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def test_postgres_query_start_carries_the_query_text(postgres_server, tmp_path):
+    queries = ["SELECT 6 * 7", "SELECT count(*) FROM pg_class WHERE relname = 'sdtrace'"]
+    tracer = Tracer(tmp_path, f"{POSTGRES_BIN}/postgres:postgresql:query__start(str)")
+    try:
+        answers = [postgres_server(sql).stdout.strip() for sql in queries]
+        time.sleep(0.3)
+        events = tracer.stop()
+    finally:
+        tracer.kill()
+    assert answers == ["42", "0"]
+    seen = [event["args"][0] for event in events if event["comm"] == "postgres"]
+    assert [sql for sql in seen if sql in queries] == queries
