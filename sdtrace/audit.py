@@ -1,0 +1,182 @@
+"""The semaphore audit: every SDT semaphore in every process, its value, and who uses it.
+
+What ``dd if=/proc/PID/mem ... | xxd`` shows by hand, for all processes at
+once (``sdtrace semaphores``).  For each process, /proc/PID/maps is read once
+and its files are grouped by (device, inode).  Each file's probes are read
+once per audit (cached by that identity), through /proc/PID/root so that a
+process in another mount namespace is read from its own file system, or
+through /proc/PID/map_files when the path no longer names the mapped file.
+
+For each semaphore of a mapped file:
+
+* its address is where the writable private VMA holding the semaphore's
+  file offset puts it (refcount.counter_addresses: the RELRO part and the
+  end of the text can map the same file page read-only);
+* its value is the 16-bit counter read from /proc/PID/mem;
+* it is *armed* when a site of a probe using it carries the int3 byte
+  (0xcc) in that process's memory: the uprobe is installed.  A site's address
+  comes from the executable VMA holding the site's file offset;
+* it is *leaked* when its value is above 0 and no site is armed: code paths
+  guarded by it run for nobody, which is the state a crashed tracer leaves.
+"""
+import os
+from dataclasses import dataclass
+
+from . import refcount
+from .errors import SdtraceError
+
+INT3 = 0xcc
+
+
+@dataclass(frozen=True)
+class SemaphoreState:
+    pid: int
+    comm: str
+    file: str
+    provider: str
+    name: str
+    semaphore: int      # file offset of the counter
+    address: int        # its run-time address in the process
+    value: int
+    armed: bool         # a site of a probe using this semaphore holds int3
+    leaked: bool        # value > 0 and nothing armed
+
+    @property
+    def qualified_name(self):
+        return f"{self.provider}:{self.name}"
+
+
+def audit(pid=None, specs=(), warn=refcount.warn_to_stderr):
+    """[SemaphoreState] for process `pid` (all processes if None), filtered by `specs`.
+
+    `specs` are specs.ProbeSpec: provider/name globs and optional targets.
+    A single process that cannot be read is an SdtraceError; in a scan of
+    all processes the unreadable ones are counted in one warning."""
+    from .targets import resolve_target
+
+    targets = set()
+    for spec in specs:
+        if spec.target is not None:
+            try:
+                targets.add(refcount.file_identity(resolve_target(spec.target)))
+            except OSError as error:
+                raise SdtraceError(f"{spec.target}: {error.strerror}") from None
+    probes_cache = {}
+    states, denied = [], []
+    pids = [pid] if pid is not None else sorted(
+        int(name) for name in os.listdir("/proc") if name.isdigit())
+    for candidate in pids:
+        try:
+            states.extend(_audit_process(candidate, specs, targets, probes_cache))
+        except refcount.ProcessGone:
+            if pid is not None:
+                raise SdtraceError(f"process {pid} does not exist") from None
+        except refcount.ProcessDenied as error:
+            if pid is not None:
+                raise
+            denied.append(candidate)
+    if denied:
+        warn(f"{len(denied)} processes could not be read (permission denied), "
+             f"e.g. {', '.join(map(str, denied[:5]))}")
+    return states
+
+
+def _audit_process(pid, specs, targets, probes_cache):
+    mappings = refcount.read_maps(pid)
+    by_file = {}
+    for mapping in mappings:
+        if mapping.path.startswith("/") and mapping.file_id[2]:
+            by_file.setdefault(mapping.file_id, mapping)
+    files = []
+    for file_id, first in by_file.items():
+        if targets and file_id not in targets:
+            continue
+        if file_id not in probes_cache:
+            probes_cache[file_id] = _semaphore_probes(pid, first)
+        all_probes, byteorder = probes_cache[file_id]
+        probes = [probe for probe in all_probes
+                  if not specs or any(spec.matches(probe) for spec in specs)]
+        if probes:
+            files.append((file_id, first.path, byteorder, probes, all_probes))
+    if not files:
+        return []
+    memory = refcount.ProcessMemory(pid, writable=False)
+    try:
+        comm = refcount.process_name(pid)
+        states = []
+        for file in files:
+            states.extend(_file_states(memory, mappings, comm, *file))
+        return states
+    finally:
+        memory.close()
+
+
+def _file_states(memory, mappings, comm, file_id, path, byteorder, probes, all_probes):
+    states = []
+    rows = {}
+    for probe in probes:
+        rows.setdefault((probe.semaphore, probe.provider, probe.name), probe)
+    for (semaphore, provider, name), _probe in sorted(rows.items(), key=lambda item: item[0]):
+        armed = any(_site_armed(memory, mappings, file_id, site.offset)
+                    for site in all_probes if site.semaphore == semaphore)
+        for address in refcount.counter_addresses(mappings, file_id, semaphore):
+            value = memory.read_counter(address, byteorder)
+            states.append(SemaphoreState(memory.pid, comm, path, provider, name, semaphore,
+                                         address, value, armed, value > 0 and not armed))
+    return states
+
+
+def _site_armed(memory, mappings, file_id, site_offset):
+    for mapping in mappings:
+        if mapping.file_id == file_id and mapping.perms[2] == "x" and mapping.holds(site_offset):
+            if memory.read(mapping.start + site_offset - mapping.offset, 1)[0] == INT3:
+                return True
+    return False
+
+
+def _semaphore_probes(pid, mapping):
+    """([probes with a usable semaphore], byte order) of the file `mapping` maps.
+
+    ([], None) when the file is not ELF, has no such probe, or cannot be opened."""
+    from .notes import read_probes
+
+    path = _readable_path(pid, mapping)
+    if path is None:
+        return [], None
+    try:
+        probes = [probe for probe in read_probes(path) if probe.semaphore is not None]
+        return probes, refcount.elf_byte_order(path) if probes else None
+    except SdtraceError:  # ElfError included: not an ELF file, or a damaged one
+        return [], None
+
+
+def _readable_path(pid, mapping):
+    """A path that opens the very file `mapping` maps, or None."""
+    candidates = [f"/proc/{pid}/root{mapping.path}",
+                  f"/proc/{pid}/map_files/{mapping.start:x}-{mapping.end:x}"]
+    for candidate in candidates:
+        try:
+            if refcount.file_identity(candidate) == mapping.file_id:
+                return candidate
+        except OSError:
+            continue
+    return None
+
+
+def state_record(state):
+    """The JSON object `sdtrace semaphores --json` writes for one semaphore of one process."""
+    return {"pid": state.pid, "comm": state.comm, "file": state.file,
+            "provider": state.provider, "name": state.name, "semaphore": state.semaphore,
+            "address": state.address, "value": state.value, "armed": state.armed,
+            "leaked": state.leaked}
+
+
+def state_table(states):
+    from .output import table
+
+    rows = [[str(state.pid), state.comm, state.file, state.qualified_name,
+             f"0x{state.semaphore:x}", f"0x{state.address:x}", str(state.value),
+             "yes" if state.armed else "no", "LEAKED" if state.leaked else ""]
+            for state in states]
+    return table(["PID", "COMM", "FILE", "PROBE", "SEMAPHORE", "ADDRESS", "VALUE", "ARMED",
+                  "LEAKED"], rows)

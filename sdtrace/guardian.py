@@ -1,0 +1,210 @@
+"""Crash recovery for user-space semaphores: the guardian process and its ledger.
+
+A session that raised SDT semaphores in other processes (refcount.py) must
+take its increments back even when it is SIGKILLed.  Two mechanisms do it:
+
+1. **The guardian.**  ``GuardianLink`` starts ``python -m sdtrace.guardian``
+   in its own session (so a Ctrl-C or a terminal hang-up does not reach it)
+   and tells it every change of the session's holdings as a JSON line on a
+   pipe: ``{"holding": {...}, "count": N}`` (0 = no longer held).  The
+   manager writes a counter before it reports a raise, and reports a lower
+   before it writes: if the session dies between the two, an increment is
+   left behind rather than somebody else's taken.  When the pipe reaches end
+   of file without the line ``done``, the session died: the guardian lowers
+   everything still held (re-checking each process's start time and mapping
+   first, refcount.revert_holdings) within moments, removes the ledger and
+   exits.  After ``done`` it only removes the ledger.
+
+2. **The ledger file.**  The guardian keeps what it holds in
+   ``/run/sdtrace/semaphores-<pid>-<starttime>-<n>.json`` (owner and guardian
+   PIDs with their start times, and the holdings), replaced atomically after
+   every batch of changes.  If the guardian is killed too, ``sdtrace
+   cleanup`` -- or anything calling ``revert_dead_ledgers()`` -- reverts the
+   ledgers whose owner and guardian are both gone.
+
+The guardian does not follow forks made after the session died: a child
+forked from a raised process in the moment before the guardian lowers it
+keeps a copy of the increment until it exits.
+"""
+import fcntl
+import glob
+import itertools
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+from dataclasses import asdict
+
+from .errors import SdtraceError
+from .refcount import (RUN_DIR, Holding, ProcessDenied, ProcessGone, ensure_run_dir,
+                       read_starttime, revert_holdings, warn_to_stderr)
+
+LEDGER_PATTERN = "semaphores-*.json"
+DONE = b"done"
+READY = "ready"
+READY_TIMEOUT = 10.0
+SCRATCH_SUFFIX = ".tmp"
+
+_ledger_numbers = itertools.count()
+
+
+def _alive(process):
+    try:
+        return read_starttime(process["pid"]) == process["starttime"]
+    except (ProcessGone, ProcessDenied):
+        return False
+
+
+class GuardianLink:
+    """The session's end of the guardian: spawns it and keeps it told."""
+
+    def __init__(self, warn=warn_to_stderr):
+        ensure_run_dir()
+        self._warn = warn
+        owner, starttime = os.getpid(), read_starttime(os.getpid())
+        self.ledger_path = os.path.join(
+            RUN_DIR, f"semaphores-{owner}-{starttime}-{next(_ledger_numbers)}.json")
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        environment = dict(os.environ)
+        environment["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [package_root, environment.get("PYTHONPATH")]))
+        try:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "sdtrace.guardian", self.ledger_path, str(owner),
+                 str(starttime)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
+                cwd="/", env=environment)
+        except OSError as error:
+            raise SdtraceError(f"cannot start the semaphore guardian: {error.strerror}") from None
+        ready = ""
+        if select.select([self.process.stdout], [], [], READY_TIMEOUT)[0]:
+            ready = self.process.stdout.readline().decode().strip()
+        self.process.stdout.close()
+        if ready != READY:
+            self.process.kill()
+            self.process.wait()
+            raise SdtraceError(f"the semaphore guardian did not start (said {ready!r})")
+
+    def record(self, holding, count):
+        """Tells the guardian that the session now holds `count` increments of `holding`."""
+        self._send(json.dumps({"holding": asdict(holding), "count": count}).encode() + b"\n")
+
+    def finish(self):
+        """The session ended cleanly: the guardian drops the ledger and exits."""
+        self._send(DONE + b"\n")
+        if self.process.stdin is not None:
+            try:
+                self.process.stdin.close()
+            except BrokenPipeError:
+                pass
+            self.process.stdin = None
+        self.process.wait()
+        try:
+            os.unlink(self.ledger_path)  # normally the guardian's job; not if it died
+        except FileNotFoundError:
+            pass
+
+    def _send(self, line):
+        if self.process.stdin is None:
+            return
+        try:
+            self.process.stdin.write(line)
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            self.process.stdin = None
+            self._warn(f"the semaphore guardian (process {self.process.pid}) is gone: "
+                       f"if this session dies, run 'sdtrace cleanup'")
+
+
+def write_ledger(path, owner, guardian, holdings):
+    """Replaces the ledger at `path` atomically."""
+    record = {"owner": owner, "guardian": guardian,
+              "holdings": [{"holding": asdict(holding), "count": count}
+                           for holding, count in holdings.items()]}
+    scratch = path + SCRATCH_SUFFIX
+    with open(scratch, "w") as ledger:
+        json.dump(record, ledger)
+    os.replace(scratch, path)
+
+
+def read_ledger(path):
+    """(owner, guardian, [(Holding, count)]) from a ledger file."""
+    with open(path) as ledger:
+        record = json.load(ledger)
+    holdings = [(Holding(**entry["holding"]), entry["count"]) for entry in record["holdings"]]
+    return record["owner"], record["guardian"], holdings
+
+
+def revert_dead_ledgers(warn=warn_to_stderr):
+    """Reverts the ledgers whose session and guardian are both gone; returns how many.
+
+    Each ledger is locked while it is reverted and removed, so two cleanups
+    never lower the same increments twice."""
+    reverted = 0
+    for path in sorted(glob.glob(os.path.join(RUN_DIR, LEDGER_PATTERN))):
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            continue
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # another cleanup has it
+            if os.fstat(fd).st_nlink == 0:
+                continue  # removed (or replaced) while we waited
+            try:
+                owner, guardian, holdings = read_ledger(path)
+            except (OSError, ValueError, KeyError, TypeError) as error:
+                warn(f"{path}: unreadable semaphore ledger: {error}")
+                continue
+            if _alive(owner) or _alive(guardian):
+                continue
+            revert_holdings(holdings, warn)
+            for leftover in (path, path + SCRATCH_SUFFIX):
+                if os.path.exists(leftover):
+                    os.unlink(leftover)
+            reverted += 1
+        finally:
+            os.close(fd)
+    return reverted
+
+
+def main(argv):
+    """The guardian: mirrors the holdings from stdin; reverts them if stdin ends early."""
+    ledger_path, owner_pid, owner_starttime = argv
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    owner = {"pid": int(owner_pid), "starttime": int(owner_starttime)}
+    guardian = {"pid": os.getpid(), "starttime": read_starttime(os.getpid())}
+    holdings = {}
+    write_ledger(ledger_path, owner, guardian, holdings)
+    sys.stdout.write(READY + "\n")
+    sys.stdout.flush()
+    pending, finished = b"", False
+    while True:
+        chunk = os.read(sys.stdin.fileno(), 1 << 16)
+        if not chunk:
+            break
+        *lines, pending = (pending + chunk).split(b"\n")
+        for line in lines:
+            if line == DONE:
+                finished = True
+            elif line:
+                change = json.loads(line)
+                holding = Holding(**change["holding"])
+                if change["count"]:
+                    holdings[holding] = change["count"]
+                else:
+                    holdings.pop(holding, None)
+        write_ledger(ledger_path, owner, guardian, holdings)
+    if not finished:
+        revert_holdings(holdings.items(), warn_to_stderr)
+    os.unlink(ledger_path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
