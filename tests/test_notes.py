@@ -6,37 +6,24 @@ sdtrace's ELF reader cannot also be a mistake in the expected values.
 """
 import os
 import re
-import subprocess
 
 import pytest
 
+from conftest import REAL_SDT_BINARIES, readelf, readelf_segments
 from sdtrace import notes, operands
 
-REAL_TARGETS = [
-    "/usr/bin/python3.11",
-    "/usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0",
-    "/usr/lib/postgresql/15/bin/postgres",
-    "/usr/lib/jvm/java-17-openjdk-amd64/lib/server/libjvm.so",
-    "/usr/lib/x86_64-linux-gnu/libstdc++.so.6",
-]
+REAL_TARGETS = REAL_SDT_BINARIES
 
 NOTE = re.compile(
     r"Provider: (?P<provider>\S+)\s+Name: (?P<name>\S+)\s+"
     r"Location: (?P<site>0x[0-9a-f]+), Base: (?P<base>0x[0-9a-f]+), "
     r"Semaphore: (?P<semaphore>0x[0-9a-f]+)\s+Arguments:(?P<args>[^\n]*)")
-LOAD = re.compile(r"^\s*LOAD\s+(0x[0-9a-f]+)\s+(0x[0-9a-f]+)\s+0x[0-9a-f]+\s+(0x[0-9a-f]+)\s+"
-                  r"0x[0-9a-f]+\s+([RWE ]+?)\s+0x", re.M)
-
-
-def readelf(*args):
-    return subprocess.run(["readelf", "--wide", *args], check=True, capture_output=True,
-                          text=True).stdout
 
 
 def oracle(path):
     """[(provider, name, site offset, semaphore offset or None, args)] from readelf."""
-    segments = [(int(offset, 16), int(vaddr, 16), int(filesz, 16), "W" in flags)
-                for offset, vaddr, filesz, flags in LOAD.findall(readelf("-l", path))]
+    segments = [(segment.offset, segment.vaddr, segment.filesz, "W" in segment.flags)
+                for segment in readelf_segments(path) if segment.type == "LOAD"]
     base_match = re.search(r"\.stapsdt\.base\s+PROGBITS\s+([0-9a-f]+)", readelf("-S", path))
     base_section = int(base_match.group(1), 16) if base_match else None
 

@@ -15,12 +15,7 @@ from sdtrace.operands import (IMMEDIATE, MEMORY, REGISTER, RIP, SIB, UNPARSED, V
 
 MACHINES = ("x86_64", "i386", "aarch64", "arm", "ppc64", "s390x", "riscv64")
 KINDS = {REGISTER, MEMORY, SIB, RIP, IMMEDIATE, VECTOR, UNPARSED}
-REAL_BINARIES = (
-    "/usr/bin/python3.11",
-    "/usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0",
-    "/usr/lib/postgresql/15/bin/postgres",
-    "/usr/lib/jvm/java-17-openjdk-amd64/lib/server/libjvm.so",
-)
+from conftest import REAL_SDT_BINARIES as REAL_BINARIES, readelf
 
 
 def op(spec, size, signed, kind, is_float=False, **fields):
@@ -271,9 +266,7 @@ def readelf_argument_strings(path):
     """Every note's argument string, from `readelf -n`'s "Arguments:" lines."""
     if shutil.which("readelf") is None:
         pytest.skip("readelf (binutils) is not installed")
-    listing = subprocess.run(["readelf", "-n", path], check=True, capture_output=True,
-                             text=True).stdout
-    return [line.split("Arguments:", 1)[1] for line in listing.splitlines()
+    return [line.split("Arguments:", 1)[1] for line in readelf("-n", path).splitlines()
             if line.strip().startswith("Arguments:")]
 
 
