@@ -35,12 +35,13 @@ SHT_SYMTAB, SHT_DYNAMIC, SHT_NOTE, SHT_NOBITS, SHT_DYNSYM = 2, 6, 7, 8, 11
 DT_NULL, DT_NEEDED, DT_RPATH, DT_RUNPATH = 0, 1, 15, 29
 
 # e_machine values, mapped to the architecture names operands.py understands.
+# 32-bit PowerPC and s390 files share their 64-bit siblings' operand syntax.
 MACHINES = {
     3: "i386",
     62: "x86_64",
     40: "arm",
     183: "aarch64",
-    20: "ppc",
+    20: "ppc64",
     21: "ppc64",
     22: "s390x",
     243: "riscv64",
@@ -132,8 +133,6 @@ class ElfFile:
         (self.type, e_machine, _version, _entry, phoff, shoff, _flags, _ehsize,
          phentsize, phnum, shentsize, shnum, shstrndx) = layout.header.unpack_from(data, 16)
         self.machine = MACHINES.get(e_machine, f"machine-{e_machine}")
-        if e_machine == 20 and layout.wide:
-            self.machine = "ppc64"
         self.segments = [
             self._segment(record)
             for record in self._table(phoff, phentsize, phnum, layout.segment, "program header")
