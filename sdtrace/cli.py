@@ -140,9 +140,10 @@ def run_trace(args):
             deadline = None if args.duration is None else time.monotonic() + args.duration
             while written != args.count and not stop.requested:
                 running = session.running
-                records = session.read_records(0.1 if deadline is None
-                                               else max(0.0, min(0.1, deadline - time.monotonic())))
-                written += _emit(records, args.count, written, writer, sink, counts)
+                lines = session.read_records(0.1 if deadline is None
+                                             else max(0.0, min(0.1, deadline - time.monotonic())),
+                                             writer)
+                written += _emit(lines, args.count, written, sink, counts)
                 if session.lost != reported_lost:
                     sys.stderr.write(f"sdtrace: lost {session.lost - reported_lost} events "
                                      f"(ring full; try --buffer-pages)\n")
@@ -150,17 +151,14 @@ def run_trace(args):
                 if not running or (deadline is not None and time.monotonic() >= deadline):
                     break
             if written != args.count:
-                written += _emit(session.finish(), args.count, written, writer, sink, counts)
+                written += _emit(session.finish(writer), args.count, written, sink, counts)
             session.stop_command()
     finally:
         sink.flush()
         if sink is not sys.stdout:
             sink.close()
         if armed:
-            probe_counts = collections.Counter()
-            for site, count in counts.items():
-                probe_counts[site.probe] += count
-            sys.stderr.write(output.summary(probe_counts, session.lost))
+            sys.stderr.write(output.summary(counts, session.lost))
     return session.exit_status or 0
 
 
@@ -182,16 +180,16 @@ class _StopFlag:
         self.requested = True
 
 
-def _emit(records, limit, written, writer, sink, counts):
-    """Write records (up to the -n limit); return how many were written."""
+def _emit(lines, limit, written, sink, counts):
+    """Write (ts, probe, text) lines (up to the -n limit); return how many were written."""
     import operator
 
-    if limit is not None and written + len(records) > limit:
-        records = records[:limit - written]
-    if records:
-        sink.write(writer.format(records))
-        counts.update(map(operator.itemgetter(5), records))
-    return len(records)
+    if limit is not None and written + len(lines) > limit:
+        lines = lines[:limit - written]
+    if lines:
+        sink.write("".join(map(operator.itemgetter(2), lines)))
+        counts.update(map(operator.itemgetter(1), lines))
+    return len(lines)
 
 
 def _open_output(path):

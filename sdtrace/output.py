@@ -72,9 +72,12 @@ def probe_table(probes):
 
 
 # -- events ---------------------------------------------------------------------
-# Records are (ts, pid, tid, cpu, comm, site, args); see events.py.  The JSON
-# writer precomputes each site's constant part once and formats the rest with
-# plain string operations: the hot loop must keep up with the kernel.
+# An EventWriter is an emitter for events.py's generated parsers: each sample
+# becomes (ts, probe, text) with its line already formatted by one f-string per
+# site, whose constant part (probe, file) is computed once.  Fetched strings
+# arrive quoted (cached per distinct value), ints are formatted by the
+# f-string itself; only converted values (floats) and constants go through
+# _json_value / _human_value.
 
 def _json_value(value):
     if value is None:
@@ -94,49 +97,53 @@ def _human_value(value):
     return str(value)
 
 
-def _plain_integers(site):
-    """True when every argument of the site is a fetched integer (the common, fast case)."""
-    return all(plan.fetched and plan.convert is None and not plan.fetch.endswith(":string")
-               for plan in site.plans)
+def _human_comm(comm):
+    return f"{comm:>16}"
+
+
+_JSON_LINE = ('{{"ts": {ts}, "pid": {pid}, "tid": {tid}, "cpu": {cpu}, "comm": {comm}, '
+              '{site_text}ARGUMENTS]}}\n')
+_HUMAN_LINE = ("{comm} {pid:>7}/{tid:<7} [{cpu:03d}] "
+               "{ts // 1000000000}.{ts % 1000000000 // 1000:06d}: {site_text} ARGUMENTS\n")
 
 
 class EventWriter:
-    """Formats records as JSON lines or as human lines, one per event."""
+    """Formats events as JSON lines or as human lines, one per event (an events.py emitter)."""
 
     def __init__(self, json_lines):
         self.json_lines = json_lines
-        self._prefixes = {}   # site -> (constant text, argument formatter)
-
-    def _site_parts(self, site):
-        parts = self._prefixes.get(site)
-        if parts is None:
-            value = str if _plain_integers(site) else (_json_value if self.json_lines else _human_value)
-            separator = ", " if self.json_lines else " "
-            if self.json_lines:
-                constant = (f'"probe": {_quote(site.probe)}, "file": {_quote(site.file)}, "args": [')
-            else:
-                constant = f"{site.probe}:"
-            parts = self._prefixes[site] = (constant, lambda args: separator.join(map(value, args)))
-        return parts
-
-    def format(self, records):
-        """The text of a batch of records."""
-        site_parts = self._site_parts
-        quote = _quote
-        lines = []
-        append = lines.append
-        if self.json_lines:
-            for ts, pid, tid, cpu, comm, site, args in records:
-                constant, arguments = site_parts(site)
-                append(f'{{"ts": {ts}, "pid": {pid}, "tid": {tid}, "cpu": {cpu}, '
-                       f'"comm": {quote(comm or "")}, {constant}{arguments(args)}]}}\n')
+        if json_lines:
+            self.comm_text = self.string_text = _quote
+            self.comm_absent, self.string_absent = '""', "null"
         else:
-            for ts, pid, tid, cpu, comm, site, args in records:
-                constant, arguments = site_parts(site)
-                append(f"{comm or '?':>16} {pid:>7}/{tid:<7} [{cpu:03d}] "
-                       f"{ts // 1000000000}.{ts % 1000000000 // 1000:06d}: {constant} "
-                       f"{arguments(args)}\n")
-        return "".join(lines)
+            self.comm_text, self.string_text = _human_comm, _quote
+            self.comm_absent, self.string_absent = _human_comm("?"), "?"
+
+    def item(self, site, arguments):
+        """Source of the (ts, probe, text) item of `site`'s events, and the names it uses.
+
+        The item holds only a str and ints: the cyclic GC untracks such tuples
+        at its first pass instead of carrying them through its generations.
+        """
+        from .events import VALUE
+        from .providers import argument_names
+
+        if self.json_lines:
+            line, separator, value = _JSON_LINE, ", ", "json_value"
+            site_text = f'"probe": {_quote(site.probe)}, "file": {_quote(site.file)}, "args": ['
+        else:
+            line, separator, value = _HUMAN_LINE, " ", "human_value"
+            site_text = f"{site.probe}:"
+        parts = [f"{{{value}({expression})}}" if kind == VALUE else f"{{{expression}}}"
+                 for kind, expression in arguments]
+        names = self.json_lines and argument_names(site.probe, len(parts))
+        if names:   # a known provider's argument names (providers.py): identifiers, safe here
+            named = ", ".join(f"{_quote(name)}: {part}" for name, part in zip(names, parts))
+            line = line.replace("ARGUMENTS]", f'ARGUMENTS], "named": {{{{{named}}}}}')
+        line = line.replace("ARGUMENTS", separator.join(parts))
+        return (f"(ts, probe, f{line!r})",
+                {"probe": site.probe, "site_text": site_text, "json_value": _json_value,
+                 "human_value": _human_value})
 
 
 def summary(counts, lost):

@@ -22,11 +22,19 @@ data_tail, the kernel never overwrites unread records: when the ring is full
 it drops samples and later emits a PERF_RECORD_LOST with their count.
 
 Reading copies the bytes between data_tail and data_head out of the mmap in
-one or two slices (two when the region wraps), then walks the records in that
-copy, then publishes the new data_tail.  The ABI asks for smp_rmb() after
-reading data_head, which Python cannot issue; on x86-64 (TSO) loads are
-ordered anyway, on weakly ordered CPUs this relies on the time between the
-kernel's commit and our read.
+one or two slices (two when the region wraps), publishes the new data_tail,
+then walks the records in that copy (``walk``).  The ABI asks for smp_rmb()
+after reading data_head, which Python cannot issue; on x86-64 (TSO) loads
+are ordered anyway, on weakly ordered CPUs this relies on the time between
+the kernel's commit and our read.
+
+``walk`` hands each sample to a *parser* chosen by the sample's id:
+``parser(data, position, append)`` appends what it makes of the sample and
+returns the record's size.
+The default parsers (``SAMPLES``) make ``Sample`` tuples; events.py supplies
+parsers generated per probe site, which is what keeps the hot loop fast.
+Whatever a parser appends starts with the sample's time, the key of the
+merge of the CPUs.
 """
 import ctypes
 import errno
@@ -34,8 +42,9 @@ import mmap
 import os
 import select
 import struct
+from collections import deque
 from operator import itemgetter
-from typing import Iterable, List, Optional, Tuple
+from typing import Callable, Iterable, List, Mapping, Optional, Tuple
 
 from .errors import SdtraceError
 
@@ -118,7 +127,8 @@ SAMPLE_RECORD = struct.Struct("<6xH Q II Q I4x I")
 # LOST: header, id, lost (then the sample_id trailer, unused)
 LOST_RECORD = struct.Struct("<8x 8x Q")
 
-DEFAULT_RING_BYTES = 1 << 20
+DEFAULT_RING_BYTES = 4 << 20
+BACKLOG_LIMIT = 64 << 20   # bytes taken from the rings and not yet walked (RingSet)
 
 
 _libc = None
@@ -222,15 +232,67 @@ def cpus() -> List[int]:
     return online
 
 
-Sample = Tuple[int, int, int, int, int, bytes]   # (sample_id, pid, tid, time, cpu, raw)
+Sample = Tuple[int, int, int, int, int, bytes]   # (time, sample_id, pid, tid, cpu, raw)
+Parser = Callable[[bytes, int, Callable], int]    # (data, position, append) -> record size
+SAMPLE_ID_OFFSET = 8                              # the sample's id follows its header
+
+
+def _sample(data: bytes, position: int, append: Callable) -> int:
+    """The generic parser: the sample at `position` as a Sample tuple."""
+    record_size, identifier, pid, tid, timestamp, cpu, raw_size = SAMPLE_RECORD.unpack_from(
+        data, position)
+    raw_start = position + SAMPLE_RECORD.size
+    append((timestamp, identifier, pid, tid, cpu, data[raw_start:raw_start + raw_size]))
+    return record_size
+
+
+class _EverySample(dict):
+    """Parsers that give every sample, whatever its id, to the generic parser."""
+
+    def __missing__(self, _sample_id: int) -> Parser:
+        return _sample
+
+
+SAMPLES: Mapping[int, Parser] = _EverySample()
+
+
+def walk(data: bytes, parsers: Mapping[int, Parser], append: Callable, start: int = 0,
+         end: Optional[int] = None) -> Tuple[int, int]:
+    """Feed the samples of the records in `data` that start in [start, end) to their parsers.
+
+    parsers maps a sample id to its parser.  Returns (lost count, where the
+    next record starts).
+    """
+    sample_type = PERF_RECORD_SAMPLE
+    unpack_id = U64.unpack_from
+    lost = 0
+    position = start
+    available = len(data) if end is None else min(end, len(data))
+    while position < available:
+        # data[position] is the low byte of the u32 type: kernel record types are < 256
+        if data[position] == sample_type:
+            position += parsers[unpack_id(data, position + SAMPLE_ID_OFFSET)[0]](
+                data, position, append)
+            continue
+        record_type, _, record_size = RECORD_HEADER.unpack_from(data, position)
+        if record_type == PERF_RECORD_LOST:
+            lost += LOST_RECORD.unpack_from(data, position)[0]
+        elif record_size < RECORD_HEADER.size:
+            raise SdtraceError(f"perf ring: corrupt record (size {record_size}) at byte "
+                               f"{position} of a read")
+        position += record_size
+    return lost, position
 
 
 class Ring:
     """The mmapped ring buffer of one leader fd, plus the fds redirected into it.
 
-    data_pages (a power of two) sets the size: the default, 1 MiB of data per
-    ring, holds about 12,000 samples of a probe with two arguments (~90 bytes
-    each) and costs 1 MiB + one page of locked kernel memory per CPU.
+    data_pages (a power of two) sets the size: the default, 4 MiB of data per
+    ring, holds about 47,000 samples of a probe with an int and a string
+    argument (88 bytes each), some 70 ms of a flood at ~1.5 us per hit: the
+    time the reader may be away (one limited drain, a write, being scheduled
+    out) without a loss.  It costs 4 MiB + one page of locked kernel memory
+    per CPU.
     """
 
     def __init__(self, fd: int, data_pages: Optional[int] = None):
@@ -256,13 +318,13 @@ class Ring:
         _ioctl(fd, PERF_EVENT_IOC_SET_OUTPUT, self.fd)
         self.fds.append(fd)
 
-    def read(self) -> Tuple[List[Sample], int]:
-        """Consume every record available: (samples in ring order, lost sample count)."""
+    def take(self) -> bytes:
+        """Consume every record available: a copy of their bytes, in ring order."""
         ring = self._map
         head = U64.unpack_from(ring, MMAP_DATA_HEAD)[0]
         tail = self._tail
         if head == tail:
-            return [], 0
+            return b""
         size = self._data_size
         start = self._data_start
         begin = tail % size
@@ -271,32 +333,9 @@ class Ring:
             data = ring[start + begin:start + end]
         else:
             data = ring[start + begin:start + size] + ring[start:start + end - size]
-        samples = []
-        append = samples.append
-        lost = 0
-        position = 0
-        available = len(data)
-        unpack_sample = SAMPLE_RECORD.unpack_from
-        raw_offset = SAMPLE_RECORD.size
-        while position < available:
-            # data[position] is the low byte of the u32 type: kernel record types are < 256
-            if data[position] == PERF_RECORD_SAMPLE:
-                record_size, identifier, pid, tid, timestamp, cpu, raw_size = unpack_sample(
-                    data, position)
-                raw_start = position + raw_offset
-                append((identifier, pid, tid, timestamp, cpu,
-                        data[raw_start:raw_start + raw_size]))
-            else:
-                record_type, _, record_size = RECORD_HEADER.unpack_from(data, position)
-                if record_type == PERF_RECORD_LOST:
-                    lost += LOST_RECORD.unpack_from(data, position)[0]
-                elif record_size < RECORD_HEADER.size:
-                    raise SdtraceError(f"perf ring of fd {self.fd}: corrupt record "
-                                       f"(size {record_size}) at {tail + position:#x}")
-            position += record_size
         self._tail = head
         U64.pack_into(ring, MMAP_DATA_TAIL, head)
-        return samples, lost
+        return data
 
     def close(self) -> None:
         """Disable and close every fd of the ring and unmap it; idempotent."""
@@ -314,7 +353,18 @@ class Ring:
 
 
 class RingSet:
-    """One Ring per online CPU, fed by per-CPU fds of any number of trace events."""
+    """One Ring per online CPU, fed by per-CPU fds of any number of trace events.
+
+    Reading is in two steps.  The rings' new bytes are first copied into a
+    backlog, which is cheap (a memcpy), so that the rings make room again at
+    once; then the backlog is walked, which is the slow part, oldest bytes
+    first and, when a limit is given, only that many bytes per drain.  So
+    while the reader is behind a burst, each drain frees the rings within
+    the time of one limited walk, and the burst piles up in the backlog, in
+    ordinary memory, instead of overflowing the rings.  The backlog stops
+    taking at BACKLOG_LIMIT bytes; then the rings fill and the kernel counts
+    what it drops, as without a backlog.
+    """
 
     def __init__(self, cpu_numbers: Optional[Iterable[int]] = None,
                  data_pages: Optional[int] = None):
@@ -324,6 +374,8 @@ class RingSet:
         self._poll = select.poll()
         self._polled = set()
         self._closed = False
+        self._backlog: "deque[tuple[int, bytes, int]]" = deque()  # (cpu, data, next record)
+        self.backlog_bytes = 0
 
     def open(self, event_id: int, pid: int = -1, *, inherit: bool = False,
              enable_on_exec: bool = False, wakeup_events: int = 0) -> List[int]:
@@ -387,20 +439,50 @@ class RingSet:
                 self._polled.discard(fd)
         return bool(ready)
 
-    def drain(self) -> Tuple[List[Sample], int]:
-        """Read every ring: (samples ordered by time, lost sample count).
+    @property
+    def pending(self) -> bool:
+        """True while the backlog holds bytes that no drain has walked yet."""
+        return bool(self._backlog)
 
+    def drain(self, parsers: Mapping[int, Parser] = SAMPLES,
+              limit: Optional[int] = None) -> Tuple[list, int]:
+        """Read the rings: (what the parsers made, ordered by time; lost count).
+
+        Walks the whole backlog, or about `limit` bytes of it (whole records).
         The order is exact within one drain; a sample of one CPU can be older
         than the last one a previous drain returned from another CPU.
         """
-        samples, lost = [], 0
-        for ring in self.rings.values():
-            ring_samples, ring_lost = ring.read()
-            samples += ring_samples
-            lost += ring_lost
-        if len(self.rings) > 1:
-            samples.sort(key=itemgetter(3))
-        return samples, lost
+        self._take()
+        backlog = self._backlog
+        items: list = []
+        append = items.append
+        lost = walked = 0
+        cpus_walked = set()
+        while backlog and (limit is None or walked < limit):
+            cpu, data, start = backlog[0]
+            chunk_lost, reached = walk(data, parsers, append, start,
+                                       None if limit is None else start + limit - walked)
+            lost += chunk_lost
+            walked += reached - start
+            cpus_walked.add(cpu)
+            if reached < len(data):
+                backlog[0] = (cpu, data, reached)
+            else:
+                backlog.popleft()
+        self.backlog_bytes -= walked
+        if len(cpus_walked) > 1:   # a ring is in time order (the kernel writes with preemption off)
+            items.sort(key=itemgetter(0))
+        return items, lost
+
+    def _take(self) -> None:
+        """Move the rings' new bytes to the backlog, unless it is full."""
+        for cpu, ring in self.rings.items():
+            if self.backlog_bytes >= BACKLOG_LIMIT:
+                return
+            data = ring.take()
+            if data:
+                self._backlog.append((cpu, data, 0))
+                self.backlog_bytes += len(data)
 
     def close(self) -> None:
         """Disable and close every fd and unmap every ring; idempotent."""

@@ -22,7 +22,6 @@ children), or a command (``command``: forked, held before exec until the
 events are open and set to enable on exec, so the semaphore is raised before
 the command's first instruction).
 """
-import dataclasses
 import os
 import re
 import shlex
@@ -119,21 +118,20 @@ class Session:
                 self._group, event, probe.file, probe.offset, probe.semaphore,
                 (events.COMM_FETCH, *fetchargs.fetch_arguments(plans))))
             self.sites.append(events.ProbeSite(probe.qualified_name, probe.file, probe.offset,
-                                               event, tuple(plans), fetchargs.assembler(plans)))
+                                               event, tuple(plans)))
         tracefs.add_uprobes(definitions)
 
     def _arm(self):
         self._rings = perf.RingSet(data_pages=self.buffer_pages)
         owners = self._traced_tasks()
-        for index, site in enumerate(self.sites):
-            layout = tracefs.event_format(self._group, site.event)
-            self.sites[index] = site = dataclasses.replace(site, decode=layout.decode)
+        for site in self.sites:
+            event_format = tracefs.event_format(self._group, site.event)
             event_id = tracefs.event_id(self._group, site.event)
             for task in owners:
                 sample_ids = self._rings.open(
                     event_id, task, inherit=task != -1, enable_on_exec=self.child is not None,
                     wakeup_events=WAKEUP_EVENTS)
-                self._decoder.add(sample_ids, site)
+                self._decoder.add(sample_ids, site, event_format)
         if self.child is None:
             self._rings.enable()
 
@@ -149,20 +147,25 @@ class Session:
 
     # -- streaming -----------------------------------------------------------
 
-    def read_records(self, timeout=0.1):
-        """One batch of records (see events.py), waiting up to `timeout` seconds for data."""
+    def read_records(self, timeout=0.1, writer=None):
+        """One batch of records (see events.py), waiting up to `timeout` seconds for data.
+
+        With `writer` (an output.EventWriter) the batch holds its formatted
+        lines instead, as (ts, probe, text).
+        """
         rings = self._rings
-        rings.wait(timeout)
-        samples, lost = rings.drain()
+        if not rings.pending:
+            rings.wait(timeout)
+        items, lost = rings.drain(self._decoder.parsers(writer or events.RECORDS), DRAIN_BYTES)
         self.lost += lost
-        self.received += len(samples)
+        self.received += len(items)
         self._reap_child()
-        return self._decoder.records(samples)
+        return items
 
     @property
     def running(self):
-        """False once a traced command has exited (and everything was read)."""
-        return self.child is None or self.exit_status is None
+        """False once a traced command has exited and the backlog (perf.py) is read."""
+        return self.child is None or self.exit_status is None or self._rings.pending
 
     def _reap_child(self):
         if self.child is None or self.exit_status is not None:
@@ -189,18 +192,19 @@ class Session:
 
     # -- tear-down -----------------------------------------------------------
 
-    def finish(self):
-        """Stop sampling and return the records still in the rings (call before close).
+    def finish(self, writer=None):
+        """Stop sampling and return the records (or `writer`'s lines) still in the rings.
 
-        Afterwards `lost` is exact: the kernel reports a lost sample only at
-        its next write to the ring, so the last losses are counted from the
-        events' hit counters instead (hits = received + lost).
+        Call it before close().  Afterwards `lost` is exact: the kernel reports
+        a lost sample only at its next write to the ring, so the last losses
+        are counted from the events' hit counters instead (hits = received +
+        lost).
         """
         self._rings.disable()
-        samples, lost = self._rings.drain()
-        self.received += len(samples)
+        items, lost = self._rings.drain(self._decoder.parsers(writer or events.RECORDS))
+        self.received += len(items)
         self.lost = max(self.lost + lost, self._rings.hit_count() - self.received)
-        return self._decoder.records(samples)
+        return items
 
     def close(self):
         """Disarm and delete everything this session armed; safe to call twice."""
@@ -232,6 +236,9 @@ class Session:
 
 
 WAKEUP_EVENTS = 64   # samples per ring before poll() wakes us; timeouts pick up the rest
+# Bytes of samples decoded per read_records() (~3,000 samples, ~5 ms): a reader behind
+# a burst goes back to the rings that often, and the backlog absorbs the burst (perf.py).
+DRAIN_BYTES = 256 << 10
 
 
 def _timeout(deadline, default=0.1):

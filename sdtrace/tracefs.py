@@ -28,9 +28,10 @@ Each event's ``format`` file gives the layout of its raw sample: the common
 fields, ``__probe_ip`` (``__probe_func``/``__probe_ret_ip`` for return
 probes), then one field per fetch argument; strings are ``__data_loc char[]``
 words holding (length << 16 | offset) of the NUL-terminated bytes, the offset
-counted from the start of the record.  ``EventFormat`` turns that into one
-precompiled ``struct.Struct`` for all the argument words plus fix-ups for the
-strings only.
+counted from the start of the record.  ``EventFormat`` turns that into a
+struct format (``layout``) for all the argument words, counted from the start
+of the record, plus fix-ups for the strings only.  events.py splices the same
+layout into one Struct spanning the whole perf sample.
 """
 import ctypes
 import errno
@@ -368,7 +369,7 @@ _FIELD_LINE = re.compile(
 
 
 class EventFormat:
-    """Layout of one event's raw samples and a fast decoder for its arguments.
+    """Layout of one event's raw samples and a decoder for its arguments.
 
     `decode(raw)` returns the argument values in declaration order: ints for
     integer fields, str for strings (None if the kernel could not read the
@@ -385,18 +386,19 @@ class EventFormat:
         self.ip_field = next((field for field in self.fields
                               if field.name in PROBE_IP_FIELDS), None)
         self._ip_struct = struct.Struct("<" + self.ip_field.struct_code) if self.ip_field else None
-        self._start = self.args[0].offset if self.args else 0
-        layout, position = ["<"], self._start
+        layout, position = [], 0
         for field in self.args:
             layout.append(f"{field.offset - position}x{field.struct_code}")
             position = field.offset + field.size
-        self.struct = struct.Struct("".join(layout))
+        # struct format of the argument words, from the start of the raw record
+        self.layout = "".join(layout)
+        self.struct = struct.Struct("<" + self.layout)
         self.string_indexes = tuple(index for index, field in enumerate(self.args)
                                     if field.is_string)
 
     def decode(self, raw: bytes) -> tuple:
         """The probe's argument values from a PERF_SAMPLE_RAW payload."""
-        values = self.struct.unpack_from(raw, self._start)
+        values = self.struct.unpack_from(raw)
         if not self.string_indexes:
             return values
         values = list(values)

@@ -81,11 +81,11 @@ def test_every_hit_arrives_once_with_its_values(program, hit_event):
         assert [event_format.decode(raw) for *_, raw in samples] == [
             (index, message) for index in range(1000)]
         site_address = address_of(target.pid, program.path, program.site)
-        for sample_id, pid, tid, timestamp, cpu, raw in samples:
+        for timestamp, sample_id, pid, tid, cpu, raw in samples:
             assert sample_id in identifiers and pid == tid == target.pid
             assert before <= timestamp <= after and cpu in perf.cpus()
             assert event_format.probe_ip(raw) == site_address
-        assert [sample[3] for sample in samples] == sorted(sample[3] for sample in samples)
+        assert [sample[0] for sample in samples] == sorted(sample[0] for sample in samples)
         rings.close()
         rings.close()
 
@@ -114,6 +114,31 @@ def test_ring_wraps_around_without_losing_or_garbling(program, hit_event):
             assert lost == 0
             received += [event_format.decode(raw) for *_, raw in samples]
         assert received == [(index, "wrap") for index in range(30)] * 40
+
+
+def test_limited_drains_empty_the_rings_into_the_backlog(program, hit_event):
+    event_id, event_format = hit_event
+    with Target(program.path, "backlog") as target, perf.RingSet(data_pages=1) as rings:
+        os.sched_setaffinity(target.pid, {perf.cpus()[0]})
+        rings.open(event_id)
+        rings.enable()
+        received = []
+        # 40 ~80-byte records fit a 4 KiB ring, two rounds do not: each drain walks only
+        # ~256 bytes, yet no round is lost, because the drain empties the ring first
+        for _ in range(5):
+            target.send("fire 40")
+            samples, lost = rings.drain(limit=256)
+            assert lost == 0 and 0 < len(samples) < 10
+            received += samples
+        assert rings.pending and rings.backlog_bytes > 0
+        while rings.pending:
+            samples, lost = rings.drain(limit=256)
+            assert lost == 0 and 0 < len(samples) < 10
+            received += samples
+        assert rings.backlog_bytes == 0 and rings.drain() == ([], 0)
+        assert rings.hit_count() == 200
+        assert [event_format.decode(raw) for *_, raw in received] == [
+            (index, "backlog") for index in range(40)] * 5
 
 
 def test_full_ring_accounts_for_every_hit(program, hit_event):
@@ -162,7 +187,7 @@ def test_pid_filter_and_hang_up_when_the_process_exits(program, hit_event):
             other.send("fire 5")
             traced.send("fire 3")
             samples, _ = drain_until(rings, 3)
-            assert {sample[1] for sample in samples} == {traced.pid}
+            assert {sample[2] for sample in samples} == {traced.pid}
             assert [event_format.decode(raw)[1] for *_, raw in samples] == ["traced"] * 3
             assert rings.alive
             traced.stop()
