@@ -148,7 +148,7 @@ def main():
                     flood, untraced_ns, os.path.join(scratch, "bpftrace.txt"))
     finally:
         flood.close()
-    print(f"flood:hit(long, str), {HITS:,} hits; untraced loop {untraced_ns / HITS:.3f} µs/hit")
+    print(f"flood:hit(long, str), {HITS:,} hits; untraced loop {untraced_ns / HITS:.3f} ns/hit")
     print(f"{'tracer':30} {'µs/hit':>8} {'fired':>10} {'written':>10} {'lost':>9} "
           f"{'events/s':>10} {'armed ms':>9}")
     for name, row in results.items():

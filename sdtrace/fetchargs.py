@@ -142,22 +142,3 @@ def plan_probe(probe, types=()):
 def fetch_arguments(plans):
     """The tracefs fetch arguments ``argN=EXPR`` for the plans that fetch."""
     return [f"arg{index}={plan.fetch}" for index, plan in enumerate(plans) if plan.fetched]
-
-
-def assembler(plans):
-    """A function mapping the fetched field values (in order) to the full argument list."""
-    if all(plan.fetched and plan.convert is None for plan in plans):
-        return list
-    steps = []
-    field = 0
-    for plan in plans:
-        if plan.fetched:
-            steps.append((field, plan.convert, None))
-            field += 1
-        else:
-            steps.append((None, None, plan.constant))
-
-    def assemble(values):
-        return [(convert(values[index]) if convert else values[index]) if index is not None
-                else constant for index, convert, constant in steps]
-    return assemble

@@ -4,7 +4,7 @@ The samples come from the kernel: the `values` fixture fires every argument
 type once, test_tracefs's demo program a NULL string.  Their ring bytes
 (Ring.take) are parsed twice: by the generic path, which is independent of
 the generated code (perf.SAMPLES, EventFormat.decode, then the fetch plans
-applied one by one by fetchargs.assembler), and by the generated parsers of
+applied one by one by assemble() below), and by the generated parsers of
 each emitter.  The records must be equal, and the JSON and human lines must
 say what the records say.
 """
@@ -15,7 +15,7 @@ import time
 import pytest
 
 from conftest import Target
-from sdtrace import events, fetchargs, output, perf, tracefs
+from sdtrace import events, output, perf, tracefs
 from sdtrace.errors import SdtraceError
 from sdtrace.fetchargs import ArgumentPlan
 from sdtrace.session import Session
@@ -49,13 +49,20 @@ def parse(chunks, parsers):
     return sorted(items, key=lambda item: item[0])
 
 
+def assemble(plans, fetched):
+    """The reference: each argument from its plan, one by one (fetched, converted or constant)."""
+    values = iter(fetched)
+    return [((plan.convert or (lambda value: value))(next(values))) if plan.fetched
+            else plan.constant for plan in plans]
+
+
 def generic_records(chunks, decoder):
     """(ts, pid, tid, cpu, comm, site, args) by the generic path."""
     records = []
     for ts, sample_id, pid, tid, cpu, raw in parse(chunks, perf.SAMPLES):
         site, event_format = decoder.sites[sample_id]
         comm, *fetched = event_format.decode(raw)
-        records.append((ts, pid, tid, cpu, comm, site, fetchargs.assembler(site.plans)(fetched)))
+        records.append((ts, pid, tid, cpu, comm, site, assemble(site.plans, fetched)))
     return records
 
 
