@@ -18,6 +18,14 @@ def _add_target_options(parser):
     parser.add_argument("--json", action="store_true", help="write JSON lines")
 
 
+def _add_aggregation_options(parser):
+    _add_target_options(parser)
+    parser.add_argument("-d", "--duration", type=float, metavar="SECONDS",
+                        help="stop after SECONDS")
+    parser.add_argument("--buffer-pages", type=int, metavar="N",
+                        help="ring buffer data pages per CPU, a power of two (default 256: 1 MiB)")
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="sdtrace", description="Trace USDT (SystemTap SDT) markers.")
@@ -43,8 +51,55 @@ def build_parser():
     trace.add_argument("-o", "--output", metavar="FILE", help="write events to FILE")
     trace.add_argument("--buffer-pages", type=int, metavar="N",
                        help="ring buffer data pages per CPU, a power of two (default 256: 1 MiB)")
+    trace.add_argument("--perfetto", metavar="FILE",
+                       help="also write a timeline (Chrome trace-event JSON) to FILE")
     trace.add_argument("specs", nargs="+", metavar="SPEC")
     trace.set_defaults(run=run_trace)
+
+    count = commands.add_parser(
+        "count", help="count probe hits per key",
+        description="Count hits per probe, or per KEY: probe, pid, tid, comm, argN or an "
+                    "argument's name. SPEC is [TARGET:]PROVIDER:NAME[(TYPE,...)].")
+    _add_aggregation_options(count)
+    count.add_argument("--by", default="probe", metavar="KEY[,KEY...]",
+                       help="count per KEY (default: probe)")
+    count.add_argument("--top", type=int, metavar="N", help="show the N largest counts")
+    count.add_argument("--interval", type=float, metavar="S",
+                       help="also print the counts of every S seconds")
+    count.add_argument("specs", nargs="+", metavar="SPEC")
+    count.set_defaults(run=run_count)
+
+    hist = commands.add_parser(
+        "hist", help="histogram of a numeric argument",
+        description="A power-of-two (or --linear) histogram of argument N, with count, min, "
+                    "max, mean and percentiles.")
+    _add_aggregation_options(hist)
+    hist.add_argument("--arg", required=True, metavar="N",
+                      help="the argument: its number, or its name")
+    hist.add_argument("--by", metavar="KEY[,KEY...]", help="one histogram per KEY")
+    hist.add_argument("--linear", metavar="MIN,MAX,STEP", help="linear buckets")
+    hist.add_argument("specs", nargs="+", metavar="SPEC")
+    hist.set_defaults(run=run_hist)
+
+    latency = commands.add_parser(
+        "latency", help="time from a START probe to its END probe",
+        description="Pair each END hit with the innermost open START hit of its thread "
+                    "(with --match, the innermost whose keys are equal) and show the "
+                    "durations in ns.")
+    _add_aggregation_options(latency)
+    latency.add_argument("--match", metavar="KEY[,KEY...]",
+                         help="START and END pair only if these keys are equal")
+    latency.add_argument("--by", metavar="KEY[,KEY...]",
+                         help="one histogram per KEY of the START")
+    latency.add_argument("--linear", metavar="MIN,MAX,STEP", help="linear buckets (ns)")
+    latency.add_argument("--arm", action="append", default=[], metavar="SPEC",
+                         help="also arm SPEC, without measuring it (CPython 3.11 fires "
+                              "function__entry for every frame only while python:line is armed)")
+    latency.add_argument("--perfetto", metavar="FILE",
+                         help="also write the pairs as a timeline (Chrome trace-event JSON)")
+    latency.add_argument("start", metavar="START_SPEC")
+    latency.add_argument("end", metavar="END_SPEC")
+    latency.set_defaults(run=run_latency)
 
     cleanup = commands.add_parser(
         "cleanup", help="remove what dead sdtrace sessions left behind",
@@ -128,6 +183,11 @@ def run_trace(args):
     session = Session(args.specs, pid=args.pid, command=args.command, buffer_pages=args.buffer_pages)
     sink = _open_output(args.output)
     writer = output.EventWriter(args.json)
+    timeline = None
+    if args.perfetto is not None:
+        from .perfetto import TraceTimeline
+
+        timeline = TraceTimeline(args.perfetto, session, writer)
     counts = collections.Counter()
     written = reported_lost = 0
     armed = False
@@ -142,8 +202,8 @@ def run_trace(args):
                 running = session.running
                 lines = session.read_records(0.1 if deadline is None
                                              else max(0.0, min(0.1, deadline - time.monotonic())),
-                                             writer)
-                written += _emit(lines, args.count, written, sink, counts)
+                                             timeline or writer)
+                written += _emit(lines, args.count, written, sink, counts, timeline)
                 if session.lost != reported_lost:
                     sys.stderr.write(f"sdtrace: lost {session.lost - reported_lost} events "
                                      f"(ring full; try --buffer-pages)\n")
@@ -151,12 +211,15 @@ def run_trace(args):
                 if not running or (deadline is not None and time.monotonic() >= deadline):
                     break
             if written != args.count:
-                written += _emit(session.finish(writer), args.count, written, sink, counts)
+                written += _emit(session.finish(timeline or writer), args.count, written, sink,
+                                 counts, timeline)
             session.stop_command()
     finally:
         sink.flush()
         if sink is not sys.stdout:
             sink.close()
+        if timeline is not None:
+            timeline.close()
         if armed:
             sys.stderr.write(output.summary(counts, session.lost))
     return session.exit_status or 0
@@ -180,7 +243,7 @@ class _StopFlag:
         self.requested = True
 
 
-def _emit(lines, limit, written, sink, counts):
+def _emit(lines, limit, written, sink, counts, timeline=None):
     """Write (ts, probe, text) lines (up to the -n limit); return how many were written."""
     import operator
 
@@ -189,7 +252,119 @@ def _emit(lines, limit, written, sink, counts):
     if lines:
         sink.write("".join(map(operator.itemgetter(2), lines)))
         counts.update(map(operator.itemgetter(1), lines))
+    if timeline is not None:
+        timeline.add(lines)
     return len(lines)
+
+
+def _aggregate(args, specs, plan, interval=None, on_interval=None, on_pair=None):
+    """Run `plan` (aggregate.py) on a session of `specs`; return (its result, the session).
+
+    Ends at -d, Ctrl-C/SIGTERM or the exit of -c's command, always with the
+    final result; `on_interval(aggregator, elapsed seconds)` runs every
+    `interval` seconds.
+    """
+    import time
+
+    from . import aggregate
+    from .session import Session
+
+    stop = _StopFlag()
+    session = Session(specs, pid=args.pid, command=args.command, buffer_pages=args.buffer_pages)
+    with session:
+        for message in session.warnings:
+            warn(message)
+        try:
+            aggregator = aggregate.UserSpaceExecutor(session).aggregator(plan, on_pair)
+        except SdtraceError:
+            session.stop_command()
+            raise
+        sys.stderr.write(f"sdtrace: tracing {len(session.sites)} site(s); Ctrl-C to end\n")
+        started = time.monotonic()
+        aggregate.stream(session, aggregator.add, lambda: stop.requested, args.duration, interval,
+                         on_interval and (lambda: on_interval(aggregator,
+                                                              time.monotonic() - started)))
+        aggregator.flush()
+    if session.lost:
+        warn(f"lost {session.lost} events (ring full; try --buffer-pages): the results are low")
+    sys.stderr.write(f"sdtrace: {session.received} events, {session.lost} lost\n")
+    return aggregator.result(), session
+
+
+def run_count(args):
+    from . import aggregate, report
+
+    if args.top is not None and args.top <= 0:
+        raise SdtraceError("--top: N must be positive")
+    if args.interval is not None and args.interval <= 0:
+        raise SdtraceError("--interval: S must be positive")
+    plan = aggregate.Count(aggregate.parse_keys(args.by))
+    previous = []
+
+    def on_interval(aggregator, elapsed):
+        result = aggregator.result()
+        delta = result.minus(previous[0]) if previous else result
+        previous[:] = [result]
+        if args.json:
+            sys.stdout.write(report.count_json(delta, args.top, {"interval": round(elapsed, 3)}))
+        else:
+            sys.stdout.write(f"{elapsed:.3f} s\n{report.count_table(delta, args.top)}\n")
+        sys.stdout.flush()
+
+    result, session = _aggregate(args, args.specs, plan, args.interval,
+                                 on_interval if args.interval else None)
+    sys.stdout.write(report.count_json(result, args.top) if args.json
+                     else report.count_table(result, args.top))
+    return session.exit_status or 0
+
+
+def run_hist(args):
+    from . import aggregate, report
+
+    plan = aggregate.Histogram(
+        aggregate.parse_key(args.arg if not args.arg.isdigit() else f"arg{args.arg}"),
+        aggregate.parse_keys(args.by) if args.by else (),
+        aggregate.parse_linear(args.linear) if args.linear else None)
+    result, session = _aggregate(args, args.specs, plan)
+    if result.missing:
+        warn(f"{result.missing} hits had no value (the argument was unavailable)")
+    sys.stdout.write(report.histograms_json(result) if args.json
+                     else report.histograms_text(result))
+    return session.exit_status or 0
+
+
+def run_latency(args):
+    import json
+
+    from . import aggregate, report
+    from .specs import parse_spec
+
+    plan = aggregate.Latency(
+        parse_spec(args.start), parse_spec(args.end),
+        aggregate.parse_keys(args.match) if args.match else (),
+        aggregate.parse_keys(args.by) if args.by else (),
+        aggregate.parse_linear(args.linear) if args.linear else None)
+    timeline = on_pair = None
+    if args.perfetto is not None:
+        from .perfetto import TimelineWriter
+
+        timeline = TimelineWriter(args.perfetto)
+
+        def on_pair(start, end, label):
+            timeline.slice(label, start, end, start[aggregate.SITE].probe)
+    try:
+        result, session = _aggregate(args, [args.start, args.end, *args.arm], plan,
+                                     on_pair=on_pair)
+    finally:
+        if timeline is not None:
+            timeline.close()
+    if args.json:
+        sys.stdout.write(report.histograms_json(result)
+                         + json.dumps(report.latency_summary(result)) + "\n")
+    else:
+        sys.stdout.write(report.histograms_text(result, unit="ns")
+                         + report.latency_summary_text(result))
+    return session.exit_status or 0
 
 
 def _open_output(path):

@@ -51,7 +51,16 @@ def probe_record(probe):
         "semaphore_error": probe.semaphore_error,
         "args": probe.args,
         "operands": [operand_record(operand) for operand in probe.operands],
+        "arg_names": _argument_names(probe),
     }
+
+
+def _argument_names(probe):
+    """The documented argument names of a known provider's probe (providers.py), or None."""
+    from .providers import argument_names
+
+    names = argument_names(probe.qualified_name, len(probe.operands))
+    return list(names) if names else None
 
 
 def probe_json_lines(probes):
@@ -61,11 +70,16 @@ def probe_json_lines(probes):
 def probe_table(probes):
     from .operands import describe
 
+    def operands(probe):
+        names = _argument_names(probe) or [""] * len(probe.operands)
+        return "  ".join(f"{name}={describe(operand)}" if name else describe(operand)
+                         for name, operand in zip(names, probe.operands))
+
     rows = [
         [probe.file, probe.qualified_name, f"0x{probe.offset:x}",
          f"0x{probe.semaphore:x}" if probe.semaphore is not None
          else ("!" if probe.semaphore_error else "-"),
-         str(len(probe.operands)), "  ".join(describe(operand) for operand in probe.operands)]
+         str(len(probe.operands)), operands(probe)]
         for probe in probes
     ]
     return table(["FILE", "PROBE", "OFFSET", "SEMAPHORE", "ARGS", "OPERANDS"], rows)

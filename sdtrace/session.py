@@ -28,7 +28,7 @@ import shlex
 import signal
 import time
 
-from . import events, fetchargs, perf, specs, targets, tracefs
+from . import events, fetchargs, perf, providers, specs, targets, tracefs
 from .errors import SdtraceError
 
 
@@ -107,7 +107,7 @@ class Session:
             if probe.semaphore_error:
                 raise SdtraceError(f"{probe.file}: {probe.qualified_name}: unusable semaphore: "
                                    f"{probe.semaphore_error}")
-            plans = fetchargs.plan_probe(probe, spec.types)
+            plans = fetchargs.plan_probe(probe, providers.argument_types(probe, spec.types))
             for argument, plan in enumerate(plans):
                 if plan.unavailable:
                     self.warnings.append(f"{probe.file}: {probe.qualified_name}: argument "

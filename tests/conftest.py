@@ -43,6 +43,7 @@ PROGRAMS = {
     "persite": (("persite_a.c", "persite_b.c", "persite_main.c", "command_loop.c"), ()),
     "flood": (("flood.c", "command_loop.c"), ()),
     "nosdt": (("nosdt.c", "command_loop.c"), ()),
+    "workload": (("workload.c", "command_loop.c"), ("-pthread",)),
 }
 SET_UP_HINT = "run the README's test set-up (bash .ci/run)"
 TRACEFS = "/sys/kernel/tracing"

@@ -1,0 +1,151 @@
+"""Benchmark: the per-hit cost of `sdtrace count --by arg0` versus bpftrace's map count.
+
+Target: the `flood` fixture (tests/fixtures/flood.c): flood:hit(long i,
+const char *s) guarded by a semaphore, fired N times in a tight loop; flood
+reports "fired K" (hits seen with the semaphore raised) and the loop's wall
+time.  Every tracer attaches to the same running flood with -p, then flood
+fires N hits, one tracer at a time:
+
+  untraced   semaphore 0: the loop skips the probe (the baseline);
+  bare       bpftrace with an empty action: the breakpoint trap, the uprobe
+             dispatch and an empty BPF program -- the floor for any tracer;
+  bpftrace   usdt:FLOOD:flood:hit { @[arg0] = count(); } (the map sized for
+             N keys: arg0 runs 0..N-1, so every hit is a new key);
+  sdtrace    sdtrace count --by arg0 -p PID flood:hit.
+
+Per tracer, per hit:
+  in target  (loop time - untraced loop time) / fired: what the traced
+             program pays (trap, handler, the perf sample or map update);
+  in tracer  the tracer's CPU time (user + system, /proc/PID/stat) from
+             before the burst until it has consumed everything, / fired:
+             what the tracer process pays to aggregate (bpftrace: ~0, the
+             kernel did it);
+  total      the sum; ratios are of totals.  Printing the final table or
+             map is not included for either.
+
+sdtrace's count is only meaningful without loss: its ring is sized to hold
+the whole burst (--buffer-pages), and the lost count is printed.
+
+Run as root after the test suite has built the fixtures:
+    python3 bench/count.py [HITS]        (default 1,000,000)
+"""
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(REPO, "tests"))
+from conftest import Target  # noqa: E402  (the fixtures' driver)
+
+FLOOD = os.path.join(REPO, "tests", "fixtures", "build", "O2", "flood")
+HITS = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
+BUFFER_PAGES = 1 << 15          # 128 MiB per CPU: a whole burst of ~100-byte samples
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+SUMMARY = re.compile(r"^sdtrace: (\d+) events, (\d+) lost$", re.M)
+
+
+def cpu_seconds(pid):
+    """User + system CPU time of process `pid` so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS    # utime, stime
+
+
+def settled_cpu_seconds(pid, quiet=0.5):
+    """The process's CPU time once it has stopped growing for `quiet` seconds."""
+    used, changed = cpu_seconds(pid), time.monotonic()
+    while time.monotonic() - changed < quiet:
+        time.sleep(0.05)
+        now = cpu_seconds(pid)
+        if now != used:
+            used, changed = now, time.monotonic()
+    return used
+
+
+def fire(flood, hits):
+    """(hits fired with the semaphore up, loop nanoseconds)."""
+    reply = flood.send(f"fire {hits}", timeout=600)
+    return int(reply[0].split()[1]), int(reply.done)
+
+
+def measure(flood, command, untraced_ns, ready, environment=None):
+    """Per-hit figures of one tracer attached to `flood`; returns (figures, tracer stderr)."""
+    tracer = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, **(environment or {})})
+    try:
+        ready(tracer)
+        before = cpu_seconds(tracer.pid)
+        fired, loop_ns = fire(flood, HITS)
+        used = settled_cpu_seconds(tracer.pid) - before
+    finally:
+        tracer.send_signal(signal.SIGINT)
+        _out, err = tracer.communicate(timeout=600)
+    if not fired:
+        raise RuntimeError(f"{command[0]} did not raise the semaphore: {err}")
+    in_target = (loop_ns - untraced_ns) / fired / 1000
+    in_tracer = used / fired * 1e6
+    return {"fired": fired, "in_target": in_target, "in_tracer": in_tracer,
+            "total": in_target + in_tracer}, err
+
+
+def wait_for_line(text):
+    def ready(tracer):
+        line = ""
+        while text not in line:
+            line = tracer.stderr.readline()
+            if not line:
+                raise RuntimeError(f"tracer exited before {text!r}")
+    return ready
+
+
+def bpftrace_ready(flood):
+    def ready(tracer):
+        deadline = time.monotonic() + 30
+        while fire(flood, 1)[0] == 0:       # attached once a hit counts
+            if tracer.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"bpftrace did not attach: {tracer.stderr.read()}")
+            time.sleep(0.05)
+    return ready
+
+
+def main():
+    if not os.path.exists(FLOOD):
+        sys.exit(f"{FLOOD} is not built: run the test suite once")
+    rows = {}
+    with Target(FLOOD, timeout=600) as flood:
+        fired, untraced_ns = fire(flood, HITS)
+        if fired:
+            sys.exit("flood's semaphore is already raised: another tracer is attached")
+        probe = f"usdt:{FLOOD}:flood:hit"
+        if shutil.which("bpftrace"):
+            rows["bare uprobe (bpftrace, empty action)"], _ = measure(
+                flood, ["bpftrace", "-p", str(flood.pid), "-e", f"{probe} {{ }}"], untraced_ns,
+                bpftrace_ready(flood))
+            rows["bpftrace @[arg0] = count()"], _ = measure(
+                flood, ["bpftrace", "-p", str(flood.pid), "-e",
+                        f"{probe} {{ @[arg0] = count(); }}"], untraced_ns, bpftrace_ready(flood),
+                {"BPFTRACE_MAP_KEYS_MAX": str(HITS + 4096)})
+        rows["sdtrace count --by arg0"], err = measure(
+            flood, [sys.executable, "-m", "sdtrace", "count", "--by", "arg0", "--buffer-pages",
+                    str(BUFFER_PAGES), "-p", str(flood.pid), "flood:hit"], untraced_ns,
+            wait_for_line("sdtrace: tracing"))
+    received, lost = (int(value) for value in SUMMARY.findall(err)[-1])
+    print(f"{HITS:,} hits of flood:hit, untraced loop {untraced_ns / HITS:.3f} ns/hit")
+    print(f"{'':40} {'in target':>10} {'in tracer':>10} {'total':>10}  (us/hit)")
+    for name, figures in rows.items():
+        print(f"{name:40} {figures['in_target']:10.3f} {figures['in_tracer']:10.3f} "
+              f"{figures['total']:10.3f}")
+    print(f"sdtrace received {received:,} events, lost {lost:,}")
+    sdtrace = rows["sdtrace count --by arg0"]["total"]
+    for name in ("bpftrace @[arg0] = count()", "bare uprobe (bpftrace, empty action)"):
+        if name in rows:
+            print(f"sdtrace / {name}: {sdtrace / rows[name]['total']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

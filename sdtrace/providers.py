@@ -1,0 +1,296 @@
+"""Names and types of the arguments of well-known USDT providers.
+
+An SDT note says only where each argument is and how wide it is (``8@%rax``),
+not what it means: a ``const char *`` query string and a 64-bit counter look
+the same.  The projects that ship probes document them, and this module
+carries those definitions for the providers people trace most: per probe, an
+argument name for each position and ``str`` where the argument is a
+NUL-terminated C string.  Sources are cited at each provider's table; the
+names are the documented ones, shortened to identifiers.
+
+Effects, wherever a site's provider and probe name are in the table *and* its
+note has exactly the documented number of arguments (probe definitions change
+between releases; a different count means another version, and is left
+alone rather than guessed at):
+
+* ``argument_types`` -- a ``str`` argument is read as a string by default,
+  but only where the operand is pointer-sized and fetchable; the types a spec
+  gives explicitly win (``python:function__entry(u64)`` keeps the pointer);
+* ``argument_names`` -- events and listings show the names next to the values.
+
+Strings that are *not* NUL-terminated keep their integer type: HotSpot passes
+every string as a pointer to unterminated modified UTF-8 plus a length, so
+those arguments are named ``*_ptr`` / ``*_len`` and are not dereferenced.
+
+Declarations are compact text, one per probe: names separated by spaces, a
+``:str`` suffix for strings.  They are parsed on first use.
+"""
+from collections import namedtuple
+
+STRING = "str"
+
+# -- CPython: Doc/howto/instrumentation.rst, "Available static markers"
+#    (provider definition: Include/pydtrace.d).
+_PYTHON = {
+    "function__entry": "filename:str funcname:str lineno",
+    "function__return": "filename:str funcname:str lineno",
+    "line": "filename:str funcname:str lineno",
+    "gc__start": "generation",
+    "gc__done": "collected",
+    "import__find__load__start": "modulename:str",
+    "import__find__load__done": "modulename:str found",
+    "audit": "event:str args_tuple",
+}
+
+# -- PostgreSQL: doc/src/sgml/monitoring.sgml, table "Built-in DTrace Probes"
+#    (which documents src/backend/utils/probes.d; PostgreSQL 13 and later
+#    pass the LWLock tranche name, earlier releases had other arguments).
+_RELATION = "fork block tablespace database relation"
+_POSTGRESQL = {
+    "transaction__start": "transaction_id",
+    "transaction__commit": "transaction_id",
+    "transaction__abort": "transaction_id",
+    **{f"query__{phase}": "query:str" for phase in (
+        "start", "done", "parse__start", "parse__done", "rewrite__start", "rewrite__done")},
+    "statement__status": "status:str",
+    "checkpoint__start": "flags",
+    "checkpoint__done": "buffers_written buffers_total wal_added wal_removed wal_recycled",
+    **{f"{part}__checkpoint__{phase}": "normal" for part in ("clog", "subtrans", "multixact")
+       for phase in ("start", "done")},
+    "buffer__checkpoint__start": "flags",
+    "buffer__sync__start": "buffers_total buffers_dirty",
+    "buffer__sync__written": "buffer_id",
+    "buffer__sync__done": "buffers_total buffers_written buffers_expected",
+    "buffer__read__start": f"{_RELATION} backend extend",
+    "buffer__read__done": f"{_RELATION} backend extend found",
+    **{f"buffer__{action}__{phase}": _RELATION for action in ("flush", "write__dirty")
+       for phase in ("start", "done")},
+    "wal__insert": "rmid info",
+    "smgr__md__read__start": f"{_RELATION} backend",
+    "smgr__md__read__done": f"{_RELATION} backend bytes bytes_requested",
+    "smgr__md__write__start": f"{_RELATION} backend",
+    "smgr__md__write__done": f"{_RELATION} backend bytes bytes_requested",
+    "sort__start": "sort_type unique key_columns work_mem_kb random_access parallel",
+    "sort__done": "external space_used",
+    **{f"lwlock__{event}": "tranche:str mode" for event in (
+        "acquire", "wait__start", "wait__done", "condacquire", "condacquire__fail",
+        "acquire__or__wait", "acquire__or__wait__fail")},
+    "lwlock__release": "tranche:str",
+    "lock__wait__start": "tag_field1 tag_field2 tag_field3 tag_field4 locktag_type mode",
+    "lock__wait__done": "tag_field1 tag_field2 tag_field3 tag_field4 locktag_type mode",
+}
+
+# -- OpenJDK HotSpot: argument types from src/hotspot/os/posix/dtrace/hotspot.d,
+#    names from the Java Virtual Machine Guide, "DTrace Probes in HotSpot VM"
+#    (class-initialization arguments from the HOTSPOT_CLASS_INITIALIZATION_*
+#    calls in src/hotspot/share/oops/instanceKlass.cpp).  Strings are
+#    unterminated pointer/length pairs: never read as str.
+_CLASS = "class_name_ptr class_name_len"
+_METHOD = f"{_CLASS} method_name_ptr method_name_len signature_ptr signature_len"
+_MONITOR = f"java_thread_id monitor_id {_CLASS}"
+_CLASS_INIT = f"{_CLASS} class_loader_id thread_type"
+_HOTSPOT = {
+    "class__loaded": f"{_CLASS} class_loader_id shared",
+    "class__unloaded": f"{_CLASS} class_loader_id shared",
+    "class__initialization__required": _CLASS_INIT,
+    **{f"class__initialization__{stage}": f"{_CLASS_INIT} wait" for stage in (
+        "recursive", "concurrent", "erroneous", "super__failed", "clinit", "error", "end")},
+    **{f"vmops__{phase}": "vmop_name_ptr vmop_name_len mode"
+       for phase in ("request", "begin", "end")},
+    "gc__begin": "full",
+    **{f"mem__pool__gc__{phase}": "manager_name_ptr manager_name_len pool_name_ptr pool_name_len "
+                                  "initial_size used committed max_size"
+       for phase in ("begin", "end")},
+    **{f"thread__{phase}": "thread_name_ptr thread_name_len java_thread_id native_thread_id daemon"
+       for phase in ("start", "stop")},
+    "thread__sleep__begin": "millis",
+    "thread__sleep__end": "timed_out",
+    "thread__park__begin": "parker_id absolute time",
+    "thread__park__end": "parker_id",
+    "thread__unpark": "parker_id",
+    "method__compile__begin": f"compiler_name_ptr compiler_name_len {_METHOD}",
+    "method__compile__end": f"compiler_name_ptr compiler_name_len {_METHOD} success",
+    "compiled__method__load": f"{_METHOD} code_address code_size",
+    "compiled__method__unload": _METHOD,
+    **{f"monitor__{event}": _MONITOR for event in (
+        "contended__enter", "contended__entered", "contended__exit", "waited", "notify",
+        "notifyAll")},
+    "monitor__wait": f"{_MONITOR} timeout",
+    "object__alloc": f"java_thread_id {_CLASS} size",
+    "method__entry": f"java_thread_id {_METHOD}",
+    "method__return": f"java_thread_id {_METHOD}",
+}
+
+# -- GCC libstdc++: libstdc++-v3/libsupc++/unwind-cxx.h defines PROBE2 under
+#    provider libstdcxx; eh_throw.cc fires throw and rethrow, eh_catch.cc
+#    fires catch, each with the exception object and its std::type_info.
+_LIBSTDCXX = {event: "object type_info" for event in ("throw", "rethrow", "catch")}
+
+# -- Node.js: src/node_provider.d (the DTrace/SystemTap provider of Node.js
+#    0.10 to 11, built with --with-dtrace); names from its translated
+#    arguments (string a = remote address, p = port, m = method, u = url).
+_CONNECTION = "connection remote:str port fd"
+_NODE = {
+    "net__server__connection": _CONNECTION,
+    "net__stream__end": _CONNECTION,
+    "net__socket__read": "connection bytes remote:str port fd",
+    "net__socket__write": "connection bytes remote:str port fd",
+    "http__server__request": "request connection remote:str port method:str url:str fd",
+    "http__server__response": _CONNECTION,
+    "http__client__request": "request connection remote:str port method:str url:str fd",
+    "http__client__response": _CONNECTION,
+    "gc__start": "type flags",
+    "gc__done": "type flags",
+}
+
+# -- MySQL: include/probes_mysql.d.base (mysql-server 5.5 to 5.7; the probes
+#    were removed in 8.0).  Names as declared there.
+_TABLE = "db:str table:str"
+_MYSQL = {
+    "connection__start": "conn_id user:str host:str",
+    "connection__done": "status conn_id",
+    "command__start": "conn_id command user:str host:str",
+    "query__start": "query:str conn_id db_name:str user:str host:str",
+    "query__parse__start": "query:str",
+    "query__cache__hit": "query:str rows",
+    "query__cache__miss": "query:str",
+    "query__exec__start": "query:str conn_id db_name:str user:str host:str exec_type",
+    **{f"{operation}__start": _TABLE for operation in (
+        "insert__row", "update__row", "delete__row", "index__read__row", "handler__rdlock",
+        "handler__wrlock", "handler__unlock", "filesort")},
+    "read__row__start": f"{_TABLE} scan_flag",
+    **{f"{operation}__done": "status" for operation in (
+        "command", "query", "query__parse", "query__exec", "insert__row", "update__row",
+        "delete__row", "read__row", "index__read__row", "handler__rdlock", "handler__wrlock",
+        "handler__unlock", "net__write")},
+    **{f"{statement}__start": "query:str" for statement in (
+        "select", "insert", "insert__select", "update", "multi__update", "delete",
+        "multi__delete")},
+    **{f"{statement}__done": "status rows" for statement in (
+        "filesort", "select", "insert", "insert__select", "delete", "multi__delete")},
+    "update__done": "status rows_matched rows_changed",
+    "multi__update__done": "status rows_matched rows_changed",
+    "net__read__done": "status bytes",
+    "net__write__start": "bytes",
+    "keycache__read__start": "filepath:str bytes mem_used mem_free",
+    "keycache__read__block": "bytes",
+    "keycache__read__done": "mem_used mem_free",
+    "keycache__write__start": "filepath:str bytes mem_used mem_free",
+    "keycache__write__block": "bytes",
+    "keycache__write__done": "mem_used mem_free",
+}
+
+# -- Ruby: probes.d at the top of the ruby/ruby tree (names from its comments).
+_RUBY = {
+    **{f"{kind}__{phase}": "classname:str methodname:str filename:str lineno"
+       for kind in ("method", "cmethod") for phase in ("entry", "return")},
+    **{f"{kind}__{phase}": "requiredfile:str filename:str lineno"
+       for kind in ("require", "find__require") for phase in ("entry", "return")},
+    "load__entry": "loadedfile:str filename:str lineno",
+    "load__return": "loadedfile:str filename:str lineno",
+    "raise": "classname:str filename:str lineno",
+    "object__create": "classname:str filename:str lineno",
+    **{f"{kind}__create": "length filename:str lineno" for kind in ("array", "hash", "string")},
+    "symbol__create": "string:str filename:str lineno",
+    "parse__begin": "sourcefile:str lineno",
+    "parse__end": "sourcefile:str lineno",
+}
+
+DECLARATIONS = {
+    "python": _PYTHON,
+    "postgresql": _POSTGRESQL,
+    "hotspot": _HOTSPOT,
+    "libstdcxx": _LIBSTDCXX,
+    "node": _NODE,
+    "mysql": _MYSQL,
+    "ruby": _RUBY,
+}
+
+# The arguments that name a span (a START probe's slice on a timeline), per
+# provider: the rest of a START probe's arguments are context, not identity.
+SPAN_LABELS = {
+    "python": {"function__entry": "funcname", "import__find__load__start": "modulename"},
+    "postgresql": {f"query__{phase}start": "query" for phase in ("", "parse__", "rewrite__")},
+    "mysql": {f"{statement}__start": "query" for statement in (
+        "query", "query__parse", "query__exec", "select", "insert", "insert__select", "update",
+        "multi__update", "delete", "multi__delete")},
+    "ruby": {**{f"{kind}__entry": "classname methodname" for kind in ("method", "cmethod")},
+             "require__entry": "requiredfile", "load__entry": "loadedfile",
+             "parse__begin": "sourcefile"},
+}
+
+# Bytes in a pointer, per machine (operands.py's machine names).
+POINTER_SIZES = {"x86_64": 8, "aarch64": 8, "ppc64": 8, "s390x": 8, "riscv64": 8,
+                 "i386": 4, "arm": 4}
+
+
+class ProbeArguments(namedtuple("ProbeArguments", "names types")):
+    """The documented arguments of one probe: a name per position, and per
+    position ``"str"`` (a NUL-terminated string) or None (a number)."""
+    __slots__ = ()
+
+
+_parsed = {}
+
+
+def lookup(provider, name, argument_count=None):
+    """ProbeArguments of ``provider:name``, or None if unknown or if the site
+    has another number of arguments than documented."""
+    key = (provider, name)
+    if key not in _parsed:
+        declaration = DECLARATIONS.get(provider, {}).get(name)
+        _parsed[key] = None if declaration is None else _parse(declaration)
+    arguments = _parsed[key]
+    if arguments is None or (argument_count is not None and argument_count != len(arguments.names)):
+        return None
+    return arguments
+
+
+def _parse(declaration):
+    names, types = [], []
+    for word in declaration.split():
+        argument_name, _, argument_type = word.partition(":")
+        names.append(argument_name)
+        types.append(argument_type or None)
+    return ProbeArguments(tuple(names), tuple(types))
+
+
+def argument_names(qualified_name, argument_count):
+    """The names for a site ``"provider:name"`` with `argument_count` arguments, or None."""
+    provider, _, name = qualified_name.partition(":")
+    arguments = lookup(provider, name, argument_count)
+    return None if arguments is None else arguments.names
+
+
+def span_label(qualified_name, argument_count):
+    """Positions of the arguments that name a span started by this probe (maybe empty)."""
+    names = argument_names(qualified_name, argument_count)
+    provider, _, name = qualified_name.partition(":")
+    label = SPAN_LABELS.get(provider, {}).get(name)
+    if names is None or label is None:
+        return ()
+    return tuple(names.index(word) for word in label.split())
+
+
+def argument_types(probe, explicit_types=()):
+    """The per-argument types to read `probe` (a notes.Probe) with.
+
+    A spec's explicit types win; where it gives none (or an empty entry), a
+    documented string argument is read as ``str`` if its operand is
+    pointer-sized and the kernel can fetch through it.
+    """
+    arguments = lookup(probe.provider, probe.name, len(probe.operands))
+    if arguments is None or len(explicit_types) > len(probe.operands):
+        return explicit_types
+    from .fetchargs import plan_argument
+
+    pointer_size = POINTER_SIZES.get(probe.machine)
+    types = []
+    for index, (operand, documented) in enumerate(zip(probe.operands, arguments.types)):
+        wanted = explicit_types[index] if index < len(explicit_types) else None
+        if (wanted is None and documented == STRING and operand.size == pointer_size
+                and not operand.is_float
+                and plan_argument(operand, probe, STRING).unavailable is None):
+            wanted = STRING
+        types.append(wanted)
+    return tuple(types)
