@@ -152,6 +152,13 @@ def test_count_intervals(fixtures):
     assert events_and_lost(err) == (90, 0)
 
 
+def test_count_returns_the_commands_exit_status(fixtures):
+    result = sdtrace("count", "-c", f"sh -c '{fixtures.path('workload')} && exit 7'",
+                     f"{fixtures.path('workload')}:workload:request", stdin="request 5\n")
+    assert result.returncode == 7, result.stderr
+    assert result.stdout.splitlines()[-2:] == ["COUNT  PROBE", "    5  workload:request"]
+
+
 # -- hist ------------------------------------------------------------------------------
 
 def test_hist_buckets_equal_the_fixtures_distribution(fixtures):
