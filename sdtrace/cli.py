@@ -18,12 +18,16 @@ def _add_target_options(parser):
     parser.add_argument("--json", action="store_true", help="write JSON lines")
 
 
-def _add_aggregation_options(parser):
+def _add_session_options(parser):
+    """The options of every command that arms probes."""
     _add_target_options(parser)
     parser.add_argument("-d", "--duration", type=float, metavar="SECONDS",
                         help="stop after SECONDS")
     parser.add_argument("--buffer-pages", type=int, metavar="N",
                         help="ring buffer data pages per CPU, a power of two (default 256: 1 MiB)")
+    parser.add_argument("--semaphores", choices=("auto", "kernel", "user"), default="auto",
+                        help="who counts SDT semaphores: the kernel (ref_ctr_offset), sdtrace "
+                             "through /proc/PID/mem, or auto (the kernel when it can)")
 
 
 def build_parser():
@@ -44,13 +48,9 @@ def build_parser():
         "trace", help="trace probe hits",
         description="Trace SDT probes. SPEC is [TARGET:]PROVIDER:NAME[(TYPE,...)]; "
                     "without -p/-c the trace is system-wide on the files named.")
-    _add_target_options(trace)
+    _add_session_options(trace)
     trace.add_argument("-n", "--count", type=int, help="stop after COUNT events")
-    trace.add_argument("-d", "--duration", type=float, metavar="SECONDS",
-                       help="stop after SECONDS")
     trace.add_argument("-o", "--output", metavar="FILE", help="write events to FILE")
-    trace.add_argument("--buffer-pages", type=int, metavar="N",
-                       help="ring buffer data pages per CPU, a power of two (default 256: 1 MiB)")
     trace.add_argument("--perfetto", metavar="FILE",
                        help="also write a timeline (Chrome trace-event JSON) to FILE")
     trace.add_argument("specs", nargs="+", metavar="SPEC")
@@ -60,7 +60,7 @@ def build_parser():
         "count", help="count probe hits per key",
         description="Count hits per probe, or per KEY: probe, pid, tid, comm, argN or an "
                     "argument's name. SPEC is [TARGET:]PROVIDER:NAME[(TYPE,...)].")
-    _add_aggregation_options(count)
+    _add_session_options(count)
     count.add_argument("--by", default="probe", metavar="KEY[,KEY...]",
                        help="count per KEY (default: probe)")
     count.add_argument("--top", type=int, metavar="N", help="show the N largest counts")
@@ -73,7 +73,7 @@ def build_parser():
         "hist", help="histogram of a numeric argument",
         description="A power-of-two (or --linear) histogram of argument N, with count, min, "
                     "max, mean and percentiles.")
-    _add_aggregation_options(hist)
+    _add_session_options(hist)
     hist.add_argument("--arg", required=True, metavar="N",
                       help="the argument: its number, or its name")
     hist.add_argument("--by", metavar="KEY[,KEY...]", help="one histogram per KEY")
@@ -86,7 +86,7 @@ def build_parser():
         description="Pair each END hit with the innermost open START hit of its thread "
                     "(with --match, the innermost whose keys are equal) and show the "
                     "durations in ns.")
-    _add_aggregation_options(latency)
+    _add_session_options(latency)
     latency.add_argument("--match", metavar="KEY[,KEY...]",
                          help="START and END pair only if these keys are equal")
     latency.add_argument("--by", metavar="KEY[,KEY...]",
@@ -180,7 +180,8 @@ def run_trace(args):
     if args.count is not None and args.count <= 0:
         raise SdtraceError("-n: COUNT must be positive")
     stop = _StopFlag()
-    session = Session(args.specs, pid=args.pid, command=args.command, buffer_pages=args.buffer_pages)
+    session = Session(args.specs, pid=args.pid, command=args.command,
+                      buffer_pages=args.buffer_pages, semaphores=args.semaphores)
     sink = _open_output(args.output)
     writer = output.EventWriter(args.json)
     timeline = None
@@ -270,7 +271,8 @@ def _aggregate(args, specs, plan, interval=None, on_interval=None, on_pair=None)
     from .session import Session
 
     stop = _StopFlag()
-    session = Session(specs, pid=args.pid, command=args.command, buffer_pages=args.buffer_pages)
+    session = Session(specs, pid=args.pid, command=args.command,
+                      buffer_pages=args.buffer_pages, semaphores=args.semaphores)
     with session:
         for message in session.warnings:
             warn(message)
@@ -377,12 +379,14 @@ def _open_output(path):
 
 
 def run_cleanup(_args):
-    from . import tracefs
+    from . import guardian, tracefs
 
     removed = tracefs.remove_stale()
     for group in removed:
         sys.stderr.write(f"sdtrace: removed stale uprobe group {group}\n")
-    sys.stderr.write(f"sdtrace: {len(removed)} stale group(s) removed\n")
+    reverted = guardian.revert_dead_ledgers(warn=warn)
+    sys.stderr.write(f"sdtrace: {len(removed)} stale group(s) removed, "
+                     f"{reverted} semaphore ledger(s) of dead sessions reverted\n")
     return 0
 
 

@@ -29,7 +29,7 @@ ELF_MAGIC = b"\x7fELF"
 ELFCLASS32, ELFCLASS64 = 1, 2
 ELFDATA2LSB, ELFDATA2MSB = 1, 2
 
-PT_LOAD = 1
+PT_LOAD, PT_INTERP = 1, 3
 PF_W = 2
 SHT_SYMTAB, SHT_DYNAMIC, SHT_NOTE, SHT_NOBITS, SHT_DYNSYM = 2, 6, 7, 8, 11
 DT_NULL, DT_NEEDED, DT_RPATH, DT_RUNPATH = 0, 1, 15, 29
@@ -214,6 +214,15 @@ class ElfFile:
         for segment in self.segments:
             if segment.type == PT_LOAD and segment.vaddr <= address < segment.vaddr + segment.filesz:
                 return segment
+        return None
+
+    def interpreter(self):
+        """The program interpreter (PT_INTERP: the dynamic loader's path), or None."""
+        for segment in self.segments:
+            if segment.type == PT_INTERP:
+                self._check_range(segment.offset, segment.filesz, "PT_INTERP")
+                text = self.data[segment.offset:segment.offset + segment.filesz]
+                return text.split(b"\0", 1)[0].decode("utf-8", "replace")
         return None
 
     def dynamic_strings(self, tags):

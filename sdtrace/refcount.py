@@ -477,9 +477,9 @@ class SemaphoreManager:
             raise
         return self
 
-    def rescan(self):
-        """Looks at every process in scope again; raises only counters not yet held."""
-        for pid in self._candidates():
+    def rescan(self, pids=None):
+        """Looks at the processes in scope (or `pids`) again; raises only counters not yet held."""
+        for pid in self._candidates() if pids is None else pids:
             with self._lock:
                 self._scan_pid(pid, may_raise=True)
 

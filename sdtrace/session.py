@@ -20,12 +20,18 @@ Scope: system-wide (every process mapping the files, now or later), one
 process (``pid``: each of its threads, inherited by later threads and
 children), or a command (``command``: forked, held before exec until the
 events are open and set to enable on exec, so the semaphore is raised before
-the command's first instruction).
+the command's first instruction; see command.py).
+
+Semaphores are counted by the kernel (``semaphores="kernel"``: ref_ctr, as
+above) or by sdtrace itself (``"user"``: the uprobes are defined without
+ref_ctr and refcount.SemaphoreManager raises each counter once per process
+through /proc/PID/mem; a command is then held by ptrace at exec and at each
+library load so the counters are raised before it can test them).  ``"auto"``
+takes the kernel when it supports ref_ctr_offset.
 """
 import os
 import re
 import shlex
-import signal
 import time
 
 from . import events, fetchargs, perf, providers, specs, targets, tracefs
@@ -40,9 +46,14 @@ class Session:
                 print(event.comm, event.probe, event.args)
     """
 
-    def __init__(self, probe_specs, pid=None, command=None, buffer_pages=None):
+    def __init__(self, probe_specs, pid=None, command=None, buffer_pages=None,
+                 semaphores="auto"):
         if pid is not None and command is not None:
             raise SdtraceError("give a PID or a command, not both")
+        if semaphores not in SEMAPHORE_MODES:
+            raise SdtraceError(f"semaphores: {semaphores!r} is not one of "
+                               f"{', '.join(SEMAPHORE_MODES)}")
+        self.semaphores = semaphores    # "kernel" or "user" once started
         self.spec_texts = list(probe_specs)
         self.pid = pid
         self.command = shlex.split(command) if isinstance(command, str) else command
@@ -51,12 +62,12 @@ class Session:
         self.warnings = []
         self.lost = 0            # samples the rings dropped (exact once finish() ran)
         self.received = 0        # samples read from the rings
-        self.child = None        # pid of the command, while it runs
-        self.exit_status = None  # the command's, once it has exited
+        self.child = None        # pid of the command
+        self._command = None     # its command.Command
+        self._manager = None     # refcount.SemaphoreManager, in user mode
         self._group = None
         self._rings = None
         self._decoder = events.Decoder()
-        self._release_child = None
 
     # -- set-up ------------------------------------------------------------
 
@@ -74,14 +85,35 @@ class Session:
     def start(self):
         tracefs.root()
         tracefs.remove_stale()
+        if self.semaphores == "auto":
+            self.semaphores = "kernel" if tracefs.supports_ref_ctr() else "user"
         selected = self._select()
+        user_mode = self.semaphores == "user"
+        if user_mode:
+            from . import guardian, refcount
+
+            guardian.revert_dead_ledgers()
+            self._manager = refcount.SemaphoreManager.for_probes(
+                [probe for probe, _spec in selected],
+                scope=None if self.pid is None and not self.command else set())
         if self.command:
-            self.child, self._release_child = _fork_held(self.command)
+            from .command import Command
+
+            self._command = Command(self.command, on_load=self._raise_in if user_mode else None)
+            self.child = self._command.start()
         self._define(selected)
         self._arm()
-        if self._release_child:
-            self._release_child()
-            self._release_child = None
+        if self._manager is not None:
+            self._manager.start()
+            if self.pid is not None:
+                self._raise_in(self.pid)
+        if self._command is not None:
+            self._command.release()
+            self.warnings.extend(self._command.warnings)
+
+    def _raise_in(self, pid):
+        """User mode: raise the session's counters in process `pid` (and keep them raised)."""
+        self._manager.rescan([pid])
 
     def _select(self):
         parsed = [specs.parse_spec(text) for text in self.spec_texts]
@@ -115,7 +147,8 @@ class Session:
             event = f"e{index}_{_NOT_IDENTIFIER.sub('_', probe.qualified_name)}"
             event = event[:tracefs.MAX_NAME_LENGTH]
             definitions.append(tracefs.UprobeDefinition(
-                self._group, event, probe.file, probe.offset, probe.semaphore,
+                self._group, event, probe.file, probe.offset,
+                probe.semaphore if self.semaphores == "kernel" else None,
                 (events.COMM_FETCH, *fetchargs.fetch_arguments(plans))))
             self.sites.append(events.ProbeSite(probe.qualified_name, probe.file, probe.offset,
                                                event, tuple(plans)))
@@ -159,22 +192,18 @@ class Session:
         items, lost = rings.drain(self._decoder.parsers(writer or events.RECORDS), DRAIN_BYTES)
         self.lost += lost
         self.received += len(items)
-        self._reap_child()
         return items
+
+    @property
+    def exit_status(self):
+        """The command's exit status once it has exited (128+N if killed by signal N)."""
+        return None if self._command is None else self._command.exit_status
 
     @property
     def running(self):
         """False once a traced command has exited and the backlog (perf.py) is read."""
-        return self.child is None or self.exit_status is None or self._rings.pending
-
-    def _reap_child(self):
-        if self.child is None or self.exit_status is not None:
-            return
-        pid, status = os.waitpid(self.child, os.WNOHANG)
-        if pid:
-            self.exit_status = os.waitstatus_to_exitcode(status)
-            if self.exit_status < 0:          # killed by a signal: the shell's convention
-                self.exit_status = 128 - self.exit_status
+        return (self._command is None or self._command.exit_status is None
+                or self._rings.pending)
 
     def events(self, count=None, duration=None):
         """Yield Event objects until `count` events, `duration` seconds, or the command exits."""
@@ -208,33 +237,24 @@ class Session:
 
     def close(self):
         """Disarm and delete everything this session armed; safe to call twice."""
-        if self._release_child:              # failed before the command could start
-            os.kill(self.child, signal.SIGKILL)
-            self._release_child = None
-            self._reap_child_blocking()
+        if self._command is not None:
+            self._command.terminate()          # a command does not outlive its session
         if self._rings is not None:
             self._rings.close()
+        if self._manager is not None:
+            manager, self._manager = self._manager, None
+            manager.stop()
         if self._group is not None:
             group, self._group = self._group, None
             tracefs.remove_group(group)
 
     def stop_command(self):
         """End a traced command that is still running (for -n / -d limits)."""
-        if self.child is not None and self.exit_status is None:
-            try:
-                os.kill(self.child, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-            self._reap_child_blocking()
-
-    def _reap_child_blocking(self):
-        if self.exit_status is None:
-            _pid, status = os.waitpid(self.child, 0)
-            self.exit_status = os.waitstatus_to_exitcode(status)
-            if self.exit_status < 0:
-                self.exit_status = 128 - self.exit_status
+        if self._command is not None:
+            self._command.terminate()
 
 
+SEMAPHORE_MODES = ("auto", "kernel", "user")
 WAKEUP_EVENTS = 64   # samples per ring before poll() wakes us; timeouts pick up the rest
 # Bytes of samples decoded per read_records() (~3,000 samples, ~5 ms): a reader behind
 # a burst goes back to the rings that often, and the backlog absorbs the burst (perf.py).
@@ -248,33 +268,3 @@ def _timeout(deadline, default=0.1):
 
 
 _NOT_IDENTIFIER = re.compile(r"[^A-Za-z0-9_]")
-
-
-def _fork_held(argv):
-    """Fork `argv` held before exec; return (pid, release) -- release() lets it exec."""
-    gate_read, gate_write = os.pipe()
-    error_read, error_write = os.pipe()
-    os.set_inheritable(error_write, False)
-    pid = os.fork()
-    if pid == 0:  # child: wait for the gate, then exec; report an exec failure
-        try:
-            os.close(gate_write)
-            os.close(error_read)
-            os.read(gate_read, 1)
-            os.close(gate_read)
-            os.execvp(argv[0], argv)
-        except OSError as error:
-            os.write(error_write, f"{argv[0]}: {error.strerror}".encode())
-        finally:
-            os._exit(127)
-    os.close(gate_read)
-    os.close(error_write)
-
-    def release():
-        os.write(gate_write, b"x")
-        os.close(gate_write)
-        message = os.read(error_read, 4096)  # EOF (b"") once exec succeeded
-        os.close(error_read)
-        if message:  # the child has exited; Session.close() reaps it
-            raise SdtraceError(f"cannot run command: {message.decode(errors='replace')}")
-    return pid, release

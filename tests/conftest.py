@@ -39,6 +39,7 @@ SHARED_LIBRARY = ("-shared", "-fPIC", "-Wl,-z,relro", "-Wl,-z,now")
 PROGRAMS = {
     "values": (("values.c", "values_nosem.c", "command_loop.c"), ()),
     "libsdtsem.so": (("sem_lib.c",), SHARED_LIBRARY),
+    "libsdtctor.so": (("ctor_lib.c",), SHARED_LIBRARY),
     "semuser": (("sem_user.c", "command_loop.c"), ("-ldl",)),
     "persite": (("persite_a.c", "persite_b.c", "persite_main.c", "command_loop.c"), ()),
     "flood": (("flood.c", "command_loop.c"), ()),
