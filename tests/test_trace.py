@@ -434,3 +434,22 @@ def test_postgres_query_start_carries_the_query_text(postgres_server, tmp_path):
     assert answers == ["42", "0"]
     seen = [event["args"][0] for event in events if event["comm"] == "postgres"]
     assert [sql for sql in seen if sql in queries] == queries
+
+
+LIBJVM = "/usr/lib/jvm/java-17-openjdk-amd64/lib/server/libjvm.so"
+
+
+@pytest.mark.skipif(not os.path.exists(LIBJVM), reason="OpenJDK 17's libjvm.so is not installed")
+def test_every_site_of_libjvm_in_one_command():
+    """Hundreds of sites attach in one command and all of them are removed again.
+
+    Slow by nature: the kernel takes one RCU grace period (~75 ms) per uprobe
+    it unregisters, one after the other."""
+    sites = {(probe.offset, probe.provider, probe.name) for probe in notes.read_probes(LIBJVM)}
+    result = subprocess.run(sdtrace_command("trace", "-d", "0.2", f"{LIBJVM}:*:*"),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert f"sdtrace: tracing {len(sites)} site(s)" in result.stderr
+    assert summary_counts(result.stderr)[1] == 0
+    with open("/sys/kernel/tracing/uprobe_events") as definitions:
+        assert LIBJVM not in definitions.read()
