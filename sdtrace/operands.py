@@ -479,6 +479,7 @@ def parse_operand(spec: str, machine: str) -> Operand:
     return Operand(spec, size, signed, is_float, **location)
 
 
+@functools.lru_cache(maxsize=4096)   # a file's notes repeat their argument strings
 def parse_arguments(text: str, machine: str) -> tuple[Operand, ...]:
     """Every spec of a note's argument string, in order; never raises."""
     return tuple(parse_operand(spec, machine) for spec in _split_specs(text))
