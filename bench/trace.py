@@ -11,8 +11,9 @@ tracer attaches to a running flood with -p, so both pay the same costs.
   2. lossless throughput: events written + lost versus hits, and the rate at
      which the tracer wrote them (events / time from the burst's start to the
      tracer's last write);
-  3. start-to-armed latency: from spawning the tracer until the semaphore in
-     the running process reads 1 (what matters to a user: when do hits count).
+  3. start-to-armed latency: from spawning the tracer until the running
+     process has both the semaphore raised and the int3 at the site (from
+     then on, hits count).
 
 Run as root: python3 bench/trace.py [HITS]  (default 1,000,000; bpftrace's
 printf path is slow, so it gets HITS/10 and its per-hit figure is scaled).
@@ -39,6 +40,9 @@ class Flood:
         self.process = subprocess.Popen([FLOOD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         text=True, bufsize=1)
         self.pid = int(self.process.stdout.readline().split()[1])
+        from sdtrace import notes
+
+        [self.probe] = notes.read_probes(FLOOD)
 
     def fire(self, hits):
         """(hits that fired, loop nanoseconds, monotonic start time in seconds)."""
@@ -49,21 +53,25 @@ class Flood:
         return fired, elapsed, started
 
     def semaphore(self):
-        from sdtrace import notes
+        return int.from_bytes(self._read(self.probe.semaphore, "w", 2), "little")
 
-        [probe] = notes.read_probes(FLOOD)
+    def armed(self):
+        """Both halves of an armed probe: the semaphore raised and the int3 at the site."""
+        return self.semaphore() > 0 and self._read(self.probe.offset, "x", 1) == b"\xcc"
+
+    def _read(self, file_offset, permission, size):
+        """`size` bytes of flood's memory at `file_offset` of its mapping with `permission`."""
         with open(f"/proc/{self.pid}/maps") as maps:
             for line in maps:
                 fields = line.split()
                 start, end = (int(value, 16) for value in fields[0].split("-"))
                 offset = int(fields[2], 16)
-                if (fields[-1] == FLOOD and "w" in fields[1]
-                        and offset <= probe.semaphore < offset + end - start):
-                    address = start + probe.semaphore - offset
+                if (fields[-1] == FLOOD and permission in fields[1]
+                        and offset <= file_offset < offset + end - start):
                     with open(f"/proc/{self.pid}/mem", "rb") as memory:
-                        memory.seek(address)
-                        return int.from_bytes(memory.read(2), "little")
-        raise LookupError("flood's semaphore is not mapped")
+                        memory.seek(start + file_offset - offset)
+                        return memory.read(size)
+        raise LookupError(f"file offset {file_offset:#x} of flood is not mapped {permission}")
 
     def close(self):
         self.process.stdin.close()
@@ -71,11 +79,11 @@ class Flood:
 
 
 def start_tracer(command, flood, ready_text, stream):
-    """Spawn a tracer; return (process, seconds until flood's semaphore read 1)."""
+    """Spawn a tracer; return (process, seconds until flood's probe was armed)."""
     started = time.monotonic()
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=stream,
                                stderr=subprocess.PIPE, text=True, env=ENVIRONMENT)
-    while flood.semaphore() == 0:
+    while not flood.armed():
         if process.poll() is not None:
             raise RuntimeError(f"{command[0]} exited: {process.stderr.read()}")
         time.sleep(0.001)
