@@ -23,6 +23,7 @@ import re
 import select
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -129,6 +130,29 @@ def fixtures():
 def opt(request):
     """Runs a test once per optimisation level the fixtures are built at."""
     return request.param
+
+
+# --- running the command line ----------------------------------------------
+
+SUMMARY = re.compile(r"^sdtrace: (\d+) events, (\d+) lost$")
+
+
+def sdtrace_command(*args):
+    """argv that runs the sdtrace CLI with the interpreter running the tests."""
+    return [sys.executable, "-m", "sdtrace", *args]
+
+
+def sdtrace(*args, stdin=None, timeout=180, **options):
+    """Runs the sdtrace CLI to its end; a CompletedProcess with text output."""
+    return subprocess.run(sdtrace_command(*args), input=stdin, capture_output=True, text=True,
+                          timeout=timeout, **options)
+
+
+def summary_counts(stderr):
+    """(events, lost) from the summary's last line, which scripts rely on."""
+    match = SUMMARY.match(stderr.strip().splitlines()[-1])
+    assert match, stderr
+    return int(match[1]), int(match[2])
 
 
 # --- driving a fixture program ----------------------------------------------

@@ -14,12 +14,11 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-from conftest import Target
+from conftest import Target, sdtrace, sdtrace_command, summary_counts
 
 PYTHON = "/usr/bin/python3.11"
 CALLS = """
@@ -32,12 +31,6 @@ for i in range(7):
 for i in range(4):
     tick(i)
 """
-SUMMARY = re.compile(r"^sdtrace: (\d+) events, (\d+) lost$")
-
-
-def sdtrace(*args, stdin=""):
-    return subprocess.run([sys.executable, "-m", "sdtrace", *args], input=stdin,
-                          capture_output=True, text=True, timeout=180)
 
 
 def json_rows(stdout):
@@ -52,12 +45,6 @@ def fixture_lines(stdout, word):
 def bucket_low(nanoseconds):
     """Lower bound of the power-of-two bucket of a positive duration."""
     return 1 << (nanoseconds.bit_length() - 1)
-
-
-def events_and_lost(stderr):
-    match = SUMMARY.match(stderr.strip().splitlines()[-1])
-    assert match, stderr
-    return int(match[1]), int(match[2])
 
 
 def one_line_error(result, *words):
@@ -80,7 +67,7 @@ def test_count_per_argument_keys_equals_the_fixtures_hits(fixtures):
     rows = json_rows(result.stdout)
     assert {(row["arg0"], row["arg2"]): row["count"] for row in rows} == truth
     assert [row["count"] for row in rows] == sorted(truth.values(), reverse=True)
-    assert events_and_lost(result.stderr) == (1000, 0)
+    assert summary_counts(result.stderr) == (1000, 0)
     top = sdtrace("count", "--top", "1", "-c", fixtures.path("workload"), "--by", "arg2",
                   "workload:request(,,str)", stdin="request 1000\n")
     header, *lines = [line for line in top.stdout.splitlines()
@@ -92,8 +79,8 @@ def test_count_per_argument_keys_equals_the_fixtures_hits(fixtures):
 def test_count_per_probe_pid_tid_comm_in_an_aligned_table(fixtures):
     with Target(fixtures.path("workload")) as target:
         counter = subprocess.Popen(
-            [sys.executable, "-m", "sdtrace", "count", "-p", str(target.pid), "--by",
-             "probe,pid,tid,comm", "workload:*"],
+            sdtrace_command("count", "-p", str(target.pid), "--by",
+             "probe,pid,tid,comm", "workload:*"),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             assert "sdtrace: tracing" in counter.stderr.readline()
@@ -123,8 +110,8 @@ def test_count_per_probe_pid_tid_comm_in_an_aligned_table(fixtures):
 def test_count_intervals(fixtures):
     with Target(fixtures.path("workload")) as target:
         counter = subprocess.Popen(
-            [sys.executable, "-m", "sdtrace", "count", "--json", "--interval", "0.25", "-p",
-             str(target.pid), "--by", "arg0", "workload:request"],
+            sdtrace_command("count", "--json", "--interval", "0.25", "-p",
+             str(target.pid), "--by", "arg0", "workload:request"),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             assert "sdtrace: tracing" in counter.stderr.readline()
@@ -149,7 +136,7 @@ def test_count_intervals(fixtures):
     assert 30 in running_totals and len(intervals) >= 2
     final = [row for row in rows if "interval" not in row]
     assert [(row["arg0"], row["count"]) for row in final] == [(0, 30), (1, 30), (2, 30)]
-    assert events_and_lost(err) == (90, 0)
+    assert summary_counts(err) == (90, 0)
 
 
 def test_count_returns_the_commands_exit_status(fixtures):
@@ -277,7 +264,7 @@ def test_python_function_latency_per_name(tmp_path):
     calls = {row["funcname"]: row["count"] for row in rows if row["filename"] == str(script)}
     assert calls == {"<module>": 1, "tick": 7 + 4, "tock": 7}
     assert summary["unmatched_ends"] == 0 and summary["skipped_starts"] == 0
-    assert events_and_lost(result.stderr)[1] == 0
+    assert summary_counts(result.stderr)[1] == 0
     counted = sdtrace("count", "--json", "-c", f"{PYTHON} {script}", "--by", "probe,funcname",
                       "python:function__entry", "python:line")
     assert counted.returncode == 0, counted.stderr

@@ -9,20 +9,14 @@ offsets from readelf.
 import contextlib
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import TRACEFS, Target, address_of, file_offset, read_mem, readelf_notes
+from conftest import (TRACEFS, Target, address_of, file_offset, read_mem, readelf_notes,
+                      sdtrace)
 from test_refcount import Library, private_copy, semaphore_offsets, set_counter
 
 GROUP = "sdtrace_test_audit"
-
-
-def sdtrace(*args):
-    return subprocess.run([sys.executable, "-m", "sdtrace", *args], capture_output=True,
-                          text=True)
 
 
 def semaphores_json(*args):

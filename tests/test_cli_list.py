@@ -2,18 +2,12 @@
 import json
 import os
 import subprocess
-import sys
 
-
+from conftest import Target, sdtrace
 from sdtrace import notes
 
 PYTHON = "/usr/bin/python3.11"
 LIBPYTHON = "/usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0"
-
-
-def sdtrace(*args):
-    return subprocess.run([sys.executable, "-m", "sdtrace", *args], capture_output=True, text=True,
-                          timeout=120)
 
 
 def assert_one_line_error(result, *words):
@@ -69,8 +63,6 @@ def test_library_name_and_glob():
 
 
 def test_list_of_a_running_process(fixtures):
-    from conftest import Target  # noqa: the shared fixture runner
-
     with Target(fixtures.path("persite")) as target:
         result = sdtrace("list", "--json", "-p", str(target.pid), "persite:*")
     assert result.returncode == 0, result.stderr

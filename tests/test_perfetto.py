@@ -11,10 +11,10 @@ import collections
 import decimal
 import json
 import os
-import subprocess
-import sys
 
 import pytest
+
+from conftest import sdtrace
 
 PYTHON = "/usr/bin/python3.11"
 CALLS = """
@@ -28,11 +28,6 @@ for i in range(3):
 PHASES = {"X", "i", "M"}
 INSTANT_SCOPES = {"g", "p", "t"}
 METADATA_NAMES = {"process_name", "thread_name"}
-
-
-def sdtrace(*args, stdin=""):
-    return subprocess.run([sys.executable, "-m", "sdtrace", *args], input=stdin,
-                          capture_output=True, text=True, timeout=180)
 
 
 def nanoseconds(microseconds):

@@ -8,12 +8,10 @@ object in JSON events, names in `sdtrace list`, and explicit types winning.
 """
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
-from conftest import REAL_SDT_BINARIES, readelf_notes
+from conftest import REAL_SDT_BINARIES, readelf_notes, sdtrace
 from sdtrace import notes, providers
 
 PYTHON = "/usr/bin/python3.11"
@@ -22,11 +20,6 @@ def greet(name):
     return name
 greet("x")
 """
-
-
-def sdtrace(*args):
-    return subprocess.run([sys.executable, "-m", "sdtrace", *args], capture_output=True,
-                          text=True, timeout=180)
 
 
 def operand_size(argument):

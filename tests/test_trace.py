@@ -9,27 +9,14 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 
-from conftest import Target, address_of, read_mem
+from conftest import Target, address_of, read_mem, sdtrace_command, summary_counts
 from sdtrace import notes
 
-SUMMARY = re.compile(r"^sdtrace: (\d+) events, (\d+) lost$")
 TRACING = "sdtrace: tracing"
-
-
-def sdtrace_command(*args):
-    return [sys.executable, "-m", "sdtrace", *args]
-
-
-def summary_counts(stderr):
-    """(events, lost) from the summary's last line, which scripts rely on."""
-    match = SUMMARY.match(stderr.strip().splitlines()[-1])
-    assert match, stderr
-    return int(match[1]), int(match[2])
 
 
 class Tracer:
