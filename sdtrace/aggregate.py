@@ -590,7 +590,6 @@ class LatencyAggregator(Aggregator):
         self.pairer = Pairer(self.roles, self.match and self.match.one)
         self.order = TimeOrder()
         self.on_pair = on_pair
-        self.durations = collections.defaultdict(collections.Counter)   # raw key -> {ns: n}
         self.distributions = {}
         self.pairs = 0
 

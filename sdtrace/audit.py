@@ -71,7 +71,7 @@ def audit(pid=None, specs=(), warn=refcount.warn_to_stderr):
         except refcount.ProcessGone:
             if pid is not None:
                 raise SdtraceError(f"process {pid} does not exist") from None
-        except refcount.ProcessDenied as error:
+        except refcount.ProcessDenied:
             if pid is not None:
                 raise
             denied.append(candidate)

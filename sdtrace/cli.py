@@ -369,9 +369,8 @@ def run_latency(args):
         from .perfetto import TimelineWriter
 
         timeline = TimelineWriter(args.perfetto)
-
-        def on_pair(start, end, label):
-            timeline.slice(label, start, end, start[aggregate.SITE].probe)
+        on_pair = lambda start, end, label: timeline.slice(  # noqa: E731
+            label, start, end, start[aggregate.SITE].probe)
     try:
         result, session = _aggregate(args, [args.start, args.end, *args.arm], plan,
                                      on_pair=on_pair)

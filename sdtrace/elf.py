@@ -194,6 +194,8 @@ class ElfFile:
 
     def notes(self, section):
         """The notes of a SHT_NOTE section, as (owner, type, desc bytes)."""
+        if section.type != SHT_NOTE:
+            raise ElfError(f"{self.path}: section {section.name} is not a note section")
         blob = self.section_bytes(section)
         header = self.layout.note_header
         position, end = 0, len(blob)
