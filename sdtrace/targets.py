@@ -118,8 +118,9 @@ def process_objects(pid):
     except FileNotFoundError:
         raise SdtraceError(f"process {pid} does not exist") from None
     except PermissionError:
+        hint = "run as root" if os.geteuid() != 0 else "refused even to root"
         raise SdtraceError(f"process {pid}: permission denied reading its memory map "
-                           "(run as root)") from None
+                           f"({hint})") from None
     except OSError as error:
         raise SdtraceError(f"process {pid}: cannot read /proc/{pid}/maps: {error.strerror}") from None
     root = _process_root(pid)
