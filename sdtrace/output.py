@@ -3,6 +3,7 @@
 People get aligned tables and one line per event; programs get JSON lines
 (``--json``) whose field names are part of sdtrace's contract.
 """
+import functools
 import json
 from json.encoder import encode_basestring_ascii as _quote  # C-accelerated JSON string quoting
 
@@ -38,9 +39,9 @@ def operand_record(operand):
     return record
 
 
-def probe_record(probe):
-    """The JSON object `sdtrace list --json` writes for one probe site."""
-    return {
+def _probe_json_line(probe):
+    """The JSON object `sdtrace list --json` writes for one probe site, as a line."""
+    head = json.dumps({
         "file": probe.file,
         "provider": probe.provider,
         "name": probe.name,
@@ -50,9 +51,14 @@ def probe_record(probe):
         "semaphore_address": probe.semaphore_address or None,
         "semaphore_error": probe.semaphore_error,
         "args": probe.args,
-        "operands": [operand_record(operand) for operand in probe.operands],
-        "arg_names": _argument_names(probe),
-    }
+    })
+    return (f'{head[:-1]}, "operands": {_operands_json(probe.operands)}, '
+            f'"arg_names": {json.dumps(_argument_names(probe))}}}\n')
+
+
+@functools.lru_cache(maxsize=4096)   # sites repeat a few hundred operand lists: encode each once
+def _operands_json(operands):
+    return json.dumps([operand_record(operand) for operand in operands])
 
 
 def _argument_names(probe):
@@ -64,7 +70,7 @@ def _argument_names(probe):
 
 
 def probe_json_lines(probes):
-    return "".join(json.dumps(probe_record(probe)) + "\n" for probe in probes)
+    return "".join(map(_probe_json_line, probes))
 
 
 def probe_table(probes):
