@@ -62,6 +62,7 @@ while it runs, and loses exactly that one when it stops.
   saying goodbye, and keeps them in a ledger file under /run/sdtrace that
   ``revert_dead_ledgers()`` reverts if both are gone.
 """
+import errno
 import fcntl
 import heapq
 import os
@@ -135,6 +136,11 @@ class Holding:
 
 class ProcessGone(Exception):
     """The process (or the memory a descriptor was opened on) no longer exists."""
+
+
+class MappingGone(Exception):
+    """The process lives but the address is no longer mapped: it unmapped the file
+    (dlclose) between our reading its maps and touching its memory."""
 
 
 class ProcessDenied(SdtraceError):
@@ -264,6 +270,8 @@ class ProcessMemory:
             alive = False
         if not alive:
             raise ProcessGone(self.pid)
+        if error.errno in (errno.EIO, errno.EFAULT):
+            raise MappingGone(self.pid)
         self._denied(f"cannot {what} its memory at 0x{address:x}: {error.strerror}")
 
     def read(self, address, size):
@@ -315,12 +323,15 @@ def lower_counter(memory, mappings, holding, count, warn):
     """Takes `count` increments back from `holding`'s counter; False if its memory is gone."""
     if not maps_hold(mappings, holding):
         return False
-    value = memory.read_counter(holding.address, holding.byteorder)
-    if value < count:
-        warn(f"process {holding.pid} ({process_name(holding.pid)}): semaphore at "
-             f"{holding.path}+0x{holding.offset:x} is {value}, less than the {count} this "
-             f"session raised; lowering it to 0 only")
-    memory.write_counter(holding.address, holding.byteorder, max(0, value - count))
+    try:
+        value = memory.read_counter(holding.address, holding.byteorder)
+        if value < count:
+            warn(f"process {holding.pid} ({process_name(holding.pid)}): semaphore at "
+                 f"{holding.path}+0x{holding.offset:x} is {value}, less than the {count} this "
+                 f"session raised; lowering it to 0 only")
+        memory.write_counter(holding.address, holding.byteorder, max(0, value - count))
+    except MappingGone:
+        return False      # unmapped just now: the increment went with the memory
     return True
 
 
@@ -567,6 +578,8 @@ class SemaphoreManager:
                         if not may_raise:
                             continue
                     self._raise(memory, holding, value, parent)
+        except MappingGone:
+            self._schedule(pid)       # its maps changed while we looked: look again
         except ProcessGone:
             self._forget(pid)
         except ProcessDenied as error:
@@ -774,6 +787,8 @@ class SemaphoreManager:
                             and not self._same_value(memory, inherited, holding)):
                         continue  # the fork raced the write and the child missed it
                     self._record(inherited, _Count(counted.count, forked_ns, forked_ns, parent))
+        except MappingGone:
+            self._schedule(child)
         except ProcessGone:
             self._forget(child)
         except ProcessDenied as error:
@@ -787,7 +802,7 @@ class SemaphoreManager:
             return True
         try:
             parent_value = parent_memory.read_counter(holding.address, holding.byteorder)
-        except (ProcessGone, ProcessDenied):
+        except (ProcessGone, ProcessDenied, MappingGone):
             return True
         return memory.read_counter(inherited.address, inherited.byteorder) == parent_value
 
