@@ -316,13 +316,12 @@ def write_mem(pid, address, data):
 # --- an oracle for ELF facts: readelf, independent of sdtrace ---------------
 
 # The machine's real SDT-enabled binaries; a test skips one that is not installed.
-REAL_SDT_BINARIES = (
-    "/usr/bin/python3.11",
-    "/usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0",
-    "/usr/lib/postgresql/15/bin/postgres",
-    "/usr/lib/jvm/java-17-openjdk-amd64/lib/server/libjvm.so",
-    "/usr/lib/x86_64-linux-gnu/libstdc++.so.6",
-)
+SYSTEM_PYTHON = "/usr/bin/python3.11"      # Debian's build, with SDT markers
+LIBPYTHON = "/usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0"
+POSTGRES_BIN = "/usr/lib/postgresql/15/bin"
+LIBJVM = "/usr/lib/jvm/java-17-openjdk-amd64/lib/server/libjvm.so"
+REAL_SDT_BINARIES = (SYSTEM_PYTHON, LIBPYTHON, f"{POSTGRES_BIN}/postgres", LIBJVM,
+                     "/usr/lib/x86_64-linux-gnu/libstdc++.so.6")
 
 NOTE = re.compile(r"Provider: (\S+)\s+Name: (\S+)\s+Location: (0x[0-9a-f]+), Base: 0x[0-9a-f]+, "
                   r"Semaphore: (0x[0-9a-f]+)\s+Arguments:([^\n]*)")

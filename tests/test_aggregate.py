@@ -18,9 +18,8 @@ import time
 
 import pytest
 
-from conftest import Target, sdtrace, sdtrace_command, summary_counts
+from conftest import SYSTEM_PYTHON as PYTHON, Target, sdtrace, sdtrace_command, summary_counts
 
-PYTHON = "/usr/bin/python3.11"
 CALLS = """
 def tick(x):
     return x + 1

@@ -3,11 +3,9 @@ import json
 import os
 import subprocess
 
-from conftest import Target, sdtrace
+from conftest import LIBPYTHON, SYSTEM_PYTHON as PYTHON, Target, sdtrace
 from sdtrace import notes
 
-PYTHON = "/usr/bin/python3.11"
-LIBPYTHON = "/usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0"
 
 
 def assert_one_line_error(result, *words):

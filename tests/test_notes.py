@@ -9,10 +9,9 @@ import re
 
 import pytest
 
-from conftest import REAL_SDT_BINARIES, readelf, readelf_segments
+from conftest import POSTGRES_BIN, REAL_SDT_BINARIES, readelf, readelf_segments
 from sdtrace import notes, operands
 
-REAL_TARGETS = REAL_SDT_BINARIES
 
 NOTE = re.compile(
     r"Provider: (?P<provider>\S+)\s+Name: (?P<name>\S+)\s+"
@@ -45,7 +44,7 @@ def oracle(path):
     return expected
 
 
-@pytest.mark.parametrize("path", REAL_TARGETS, ids=os.path.basename)
+@pytest.mark.parametrize("path", REAL_SDT_BINARIES, ids=os.path.basename)
 def test_real_binaries_agree_with_readelf(path):
     if not os.path.exists(path):
         pytest.skip(f"{path} is not installed on this machine")
@@ -61,7 +60,7 @@ def test_real_binaries_agree_with_readelf(path):
 
 def test_postgres_sites_all_have_semaphores():
     """postgres 15: 71 sites, each guarded by a semaphore; some semaphores guard several sites."""
-    postgres = "/usr/lib/postgresql/15/bin/postgres"
+    postgres = f"{POSTGRES_BIN}/postgres"
     if not os.path.exists(postgres):
         pytest.skip("postgres 15 is not installed")
     probes = notes.read_probes(postgres)
@@ -98,7 +97,7 @@ def test_file_without_notes(fixtures):
     assert notes.read_probes(fixtures.path("nosdt")) == []
 
 
-@pytest.mark.parametrize("path", REAL_TARGETS, ids=os.path.basename)
+@pytest.mark.parametrize("path", REAL_SDT_BINARIES, ids=os.path.basename)
 def test_rip_operands_resolve_to_symbol_addresses(path):
     """Every resolved sym+off(%rip) operand equals pyelftools' symbol value + off."""
     if not os.path.exists(path):

@@ -15,7 +15,7 @@ from sdtrace.operands import (IMMEDIATE, MEMORY, REGISTER, RIP, SIB, UNPARSED, V
 
 MACHINES = ("x86_64", "i386", "aarch64", "arm", "ppc64", "s390x", "riscv64")
 KINDS = {REGISTER, MEMORY, SIB, RIP, IMMEDIATE, VECTOR, UNPARSED}
-from conftest import REAL_SDT_BINARIES as REAL_BINARIES, readelf
+from conftest import REAL_SDT_BINARIES as REAL_BINARIES, readelf_notes
 
 
 def op(spec, size, signed, kind, is_float=False, **fields):
@@ -263,11 +263,10 @@ def test_describes_briefly(expected, description):
 # ------------------------------------------------------------ real specs --
 
 def readelf_argument_strings(path):
-    """Every note's argument string, from `readelf -n`'s "Arguments:" lines."""
+    """Every note's argument string, as `readelf -n` prints it."""
     if shutil.which("readelf") is None:
         pytest.skip("readelf (binutils) is not installed")
-    return [line.split("Arguments:", 1)[1] for line in readelf("-n", path).splitlines()
-            if line.strip().startswith("Arguments:")]
+    return [" ".join(note.args) for note in readelf_notes(path)]
 
 
 @pytest.mark.parametrize("path", REAL_BINARIES, ids=os.path.basename)

@@ -14,9 +14,8 @@ import os
 
 import pytest
 
-from conftest import sdtrace
+from conftest import SYSTEM_PYTHON as PYTHON, sdtrace
 
-PYTHON = "/usr/bin/python3.11"
 CALLS = """
 def tick(x):
     return x + 1

@@ -11,10 +11,9 @@ import os
 
 import pytest
 
-from conftest import REAL_SDT_BINARIES, readelf_notes, sdtrace
+from conftest import REAL_SDT_BINARIES, SYSTEM_PYTHON as PYTHON, readelf_notes, sdtrace
 from sdtrace import notes, providers
 
-PYTHON = "/usr/bin/python3.11"
 SCRIPT = """
 def greet(name):
     return name

@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from conftest import Target, address_of, read_mem, sdtrace_command, summary_counts
+from conftest import (LIBJVM, POSTGRES_BIN, SYSTEM_PYTHON as PYTHON, Target, address_of,
+                      read_mem, sdtrace_command, summary_counts)
 from sdtrace import notes
 
 TRACING = "sdtrace: tracing"
@@ -211,7 +212,6 @@ def test_two_sessions_share_the_kernel_count_and_return_to_baseline(fixtures, tm
 
 # -- real programs ---------------------------------------------------------------
 
-PYTHON = "/usr/bin/python3.11"
 SCRIPT = """
 import json, colorsys
 def alpha(x):
@@ -360,7 +360,7 @@ def test_errors_are_one_clear_line(fixtures, tmp_path):
 
 def test_unprivileged_user_gets_one_line(fixtures):
     """Run as nobody, with an interpreter nobody may execute (pyenv's lives under /root)."""
-    interpreter = "/usr/bin/python3.11"
+    interpreter = PYTHON
     if not os.path.exists(interpreter):
         pytest.skip("needs /usr/bin/python3.11 to run sdtrace as an unprivileged user")
     repository = os.path.dirname(os.path.dirname(os.path.abspath(__import__("sdtrace").__file__)))
@@ -371,7 +371,6 @@ def test_unprivileged_user_gets_one_line(fixtures):
     one_line_error(result, "root")
 
 
-POSTGRES_BIN = "/usr/lib/postgresql/15/bin"
 
 
 @pytest.fixture
@@ -423,7 +422,6 @@ def test_postgres_query_start_carries_the_query_text(postgres_server, tmp_path):
     assert [sql for sql in seen if sql in queries] == queries
 
 
-LIBJVM = "/usr/lib/jvm/java-17-openjdk-amd64/lib/server/libjvm.so"
 
 
 @pytest.mark.skipif(not os.path.exists(LIBJVM), reason="OpenJDK 17's libjvm.so is not installed")
