@@ -18,6 +18,9 @@ For each semaphore of a mapped file:
   comes from the executable VMA holding the site's file offset;
 * it is *leaked* when its value is above 0 and no site is armed: code paths
   guarded by it run for nobody, which is the state a crashed tracer leaves.
+
+A process that unloads a library between our reading its maps and its memory
+(the read faults: refcount.MappingGone) is read once more, then skipped.
 """
 import os
 from dataclasses import dataclass
@@ -26,6 +29,7 @@ from . import refcount
 from .errors import SdtraceError
 
 INT3 = 0xcc
+READ_ATTEMPTS = 2      # per process, when a mapping vanishes while it is read
 
 
 @dataclass(frozen=True)
@@ -82,6 +86,16 @@ def audit(pid=None, specs=(), warn=refcount.warn_to_stderr):
 
 
 def _audit_process(pid, specs, targets, probes_cache):
+    """The states of process `pid`; [] if its mappings keep vanishing while it is read."""
+    for _attempt in range(READ_ATTEMPTS):
+        try:
+            return _process_states(pid, specs, targets, probes_cache)
+        except refcount.MappingGone:
+            continue
+    return []
+
+
+def _process_states(pid, specs, targets, probes_cache):
     mappings = refcount.read_maps(pid)
     by_file = {}
     for mapping in mappings:

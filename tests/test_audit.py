@@ -7,8 +7,11 @@ tracefs (removed again in a finally).  Addresses come from /proc/PID/maps,
 offsets from readelf.
 """
 import contextlib
+import errno
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -17,6 +20,22 @@ from conftest import (TRACEFS, Target, address_of, file_offset, read_mem, readel
 from test_refcount import Library, private_copy, semaphore_offsets, set_counter
 
 GROUP = "sdtrace_test_audit"
+
+# Loads a library, then makes the page at the address read from stdin fault for every
+# access with a guard region (MADV_GUARD_INSTALL; file mappings since Linux 6.15).
+GUARD_PAGE = """
+import ctypes, os, sys
+ctypes.CDLL(sys.argv[1])
+print("loaded", flush=True)
+page_size = os.sysconf("SC_PAGE_SIZE")
+page = int(sys.stdin.readline()) & ~(page_size - 1)
+libc = ctypes.CDLL(None, use_errno=True)
+libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+failed = libc.madvise(page, page_size, 102) != 0
+print(os.strerror(ctypes.get_errno()) if failed else "guarded", flush=True)
+sys.stdin.read()
+os._exit(0)   # exit() would run the library's destructors, which touch that page
+"""
 
 
 def semaphores_json(*args):
@@ -112,6 +131,37 @@ def test_all_processes_filtered_by_spec(fixtures, tmp_path, library, user):
     finally:
         other.stop()
         persite.stop()
+
+
+def test_a_counter_whose_memory_faults_is_skipped(library, user):
+    """The mapping is listed but reading its memory fails (EIO), as when a library is
+    unloaded between the audit's reading the maps and the memory; a guard region over
+    the counter's page makes that race permanent.  The process is skipped, no traceback."""
+    helper = subprocess.Popen([sys.executable, "-c", GUARD_PAGE, library.path],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert helper.stdout.readline() == "loaded\n"
+        address = address_of(helper.pid, library.path, library.offset, perms="rw-p")
+        helper.stdin.write(f"{address}\n")
+        helper.stdin.flush()
+        answer = helper.stdout.readline().strip()
+        if answer != "guarded":
+            pytest.skip(f"no guard regions in file mappings here: {answer}")
+        with pytest.raises(OSError) as unreadable:
+            read_mem(helper.pid, address, 2)
+        assert unreadable.value.errno == errno.EIO
+        alone = sdtrace("semaphores", "--json", "-p", str(helper.pid))
+        assert (alone.returncode, alone.stdout, alone.stderr) == (0, "", "")
+        assert [row["pid"] for row in semaphores_json(library.path)] == [user.pid]
+    finally:
+        helper.stdin.close()
+        try:
+            helper.wait(timeout=5)
+        finally:
+            if helper.poll() is None:
+                helper.kill()
+                helper.wait()
+            helper.stdout.close()
 
 
 def test_bad_input_is_one_line():
