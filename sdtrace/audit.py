@@ -23,9 +23,9 @@ A process that unloads a library between our reading its maps and its memory
 (the read faults: refcount.MappingGone) is read once more, then skipped.
 """
 import os
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
-from . import refcount
+from . import procfs, refcount
 from .errors import SdtraceError
 
 INT3 = 0xcc
@@ -62,7 +62,7 @@ def audit(pid=None, specs=(), warn=refcount.warn_to_stderr):
     for spec in specs:
         if spec.target is not None:
             try:
-                targets.add(refcount.file_identity(resolve_target(spec.target)))
+                targets.add(procfs.file_identity(resolve_target(spec.target)))
             except OSError as error:
                 raise SdtraceError(f"{spec.target}: {error.strerror}") from None
     probes_cache = {}
@@ -72,10 +72,10 @@ def audit(pid=None, specs=(), warn=refcount.warn_to_stderr):
     for candidate in pids:
         try:
             states.extend(_audit_process(candidate, specs, targets, probes_cache))
-        except refcount.ProcessGone:
+        except procfs.ProcessGone:
             if pid is not None:
                 raise SdtraceError(f"process {pid} does not exist") from None
-        except refcount.ProcessDenied:
+        except procfs.ProcessDenied:
             if pid is not None:
                 raise
             denied.append(candidate)
@@ -96,13 +96,9 @@ def _audit_process(pid, specs, targets, probes_cache):
 
 
 def _process_states(pid, specs, targets, probes_cache):
-    mappings = refcount.read_maps(pid)
-    by_file = {}
-    for mapping in mappings:
-        if mapping.path.startswith("/") and mapping.file_id[2]:
-            by_file.setdefault(mapping.file_id, mapping)
+    mappings = procfs.read_maps(pid)
     files = []
-    for file_id, first in by_file.items():
+    for file_id, first in procfs.mapped_files(mappings).items():
         if targets and file_id not in targets:
             continue
         if file_id not in probes_cache:
@@ -116,7 +112,7 @@ def _process_states(pid, specs, targets, probes_cache):
         return []
     memory = refcount.ProcessMemory(pid, writable=False)
     try:
-        comm = refcount.process_name(pid)
+        comm = procfs.process_name(pid)
         states = []
         for file in files:
             states.extend(_file_states(memory, mappings, comm, *file))
@@ -141,17 +137,15 @@ def _file_states(memory, mappings, comm, file_id, path, byteorder, probes, all_p
 
 
 def _site_armed(memory, mappings, file_id, site_offset):
-    for mapping in mappings:
-        if mapping.file_id == file_id and mapping.perms[2] == "x" and mapping.holds(site_offset):
-            if memory.read(mapping.start + site_offset - mapping.offset, 1)[0] == INT3:
-                return True
-    return False
+    return any(memory.read(address, 1)[0] == INT3
+               for address in procfs.mapped_addresses(mappings, file_id, site_offset, "x"))
 
 
 def _semaphore_probes(pid, mapping):
     """([probes with a usable semaphore], byte order) of the file `mapping` maps.
 
     ([], None) when the file is not ELF, has no such probe, or cannot be opened."""
+    from .elf import ElfFile
     from .notes import read_probes
 
     path = _readable_path(pid, mapping)
@@ -159,7 +153,10 @@ def _semaphore_probes(pid, mapping):
         return [], None
     try:
         probes = [probe for probe in read_probes(path) if probe.semaphore is not None]
-        return probes, refcount.elf_byte_order(path) if probes else None
+        if not probes:
+            return [], None
+        with ElfFile(path) as elf:
+            return probes, elf.byteorder
     except SdtraceError:  # ElfError included: not an ELF file, or a damaged one
         return [], None
 
@@ -170,7 +167,7 @@ def _readable_path(pid, mapping):
                   f"/proc/{pid}/map_files/{mapping.start:x}-{mapping.end:x}"]
     for candidate in candidates:
         try:
-            if refcount.file_identity(candidate) == mapping.file_id:
+            if procfs.file_identity(candidate) == mapping.file_id:
                 return candidate
         except OSError:
             continue
@@ -179,10 +176,7 @@ def _readable_path(pid, mapping):
 
 def state_record(state):
     """The JSON object `sdtrace semaphores --json` writes for one semaphore of one process."""
-    return {"pid": state.pid, "comm": state.comm, "file": state.file,
-            "provider": state.provider, "name": state.name, "semaphore": state.semaphore,
-            "address": state.address, "value": state.value, "armed": state.armed,
-            "leaked": state.leaked}
+    return asdict(state)
 
 
 def state_table(states):

@@ -40,6 +40,7 @@ import struct
 import threading
 
 from .errors import SdtraceError
+from .libc import checked, libc, machine
 
 PTRACE_TRACEME, PTRACE_CONT, PTRACE_GETREGS, PTRACE_SETREGS = 0, 7, 12, 13
 PTRACE_DETACH, PTRACE_SETOPTIONS, PTRACE_GETEVENTMSG = 17, 0x4200, 0x4201
@@ -281,8 +282,9 @@ class _Tracer:
 def _loader_hook(pid):
     """The run-time address of the loader's _dl_debug_state in process `pid`, or None."""
     from .elf import ElfError, ElfFile
+    from .procfs import ProcessDenied, ProcessGone, file_identity, mapped_addresses, read_maps
 
-    if os.uname().machine != "x86_64":
+    if machine() != "x86_64":
         return None
     try:
         executable = os.readlink(f"/proc/{pid}/exe")
@@ -290,25 +292,17 @@ def _loader_hook(pid):
             interpreter = elf.interpreter()
         if interpreter is None:
             return None
-        loader = os.path.realpath(interpreter)
-        with ElfFile(loader) as elf:
+        loader = file_identity(interpreter)
+        with ElfFile(interpreter) as elf:
             value = elf.symbol_values([LOADER_HOOK]).get(LOADER_HOOK)
             segment = elf.load_segment(value) if value else None
         if segment is None:
             return None
         file_offset = value - segment.vaddr + segment.offset
-        with open(f"/proc/{pid}/maps") as maps:
-            for line in maps:
-                fields = line.split()
-                if len(fields) < 6 or os.path.realpath(fields[5]) != loader or "x" not in fields[1]:
-                    continue
-                start, end = (int(part, 16) for part in fields[0].split("-"))
-                offset = int(fields[2], 16)
-                if offset <= file_offset < offset + end - start:
-                    return start + file_offset - offset
-    except (OSError, ElfError):
+        addresses = mapped_addresses(read_maps(pid), loader, file_offset, "x")
+    except (OSError, ElfError, ProcessGone, ProcessDenied):
         return None
-    return None
+    return addresses[0] if addresses else None
 
 
 def _tgid(tid):
@@ -340,15 +334,6 @@ def _exit_code(status):
     return 128 - code if code < 0 else code      # killed by a signal: the shell's convention
 
 
-_libc = None
-
-
 def _ptrace(request, pid, address, data):
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.ptrace.restype = ctypes.c_long
-        _libc.ptrace.argtypes = (ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
-    if _libc.ptrace(request, pid, ctypes.c_void_p(address), ctypes.c_void_p(data)) == -1:
-        error = ctypes.get_errno()
-        raise OSError(error, f"ptrace({request}, {pid}): {os.strerror(error)}")
+    checked(libc().ptrace(request, pid, ctypes.c_void_p(address), ctypes.c_void_p(data)),
+            f"ptrace({request}, {pid})")

@@ -130,6 +130,7 @@ class ElfFile:
         if key not in _LAYOUTS:
             raise ElfError(f"{self.path}: unknown ELF class/byte order {key}")
         self.layout = layout = _LAYOUTS[key]
+        self.byteorder = "little" if key[1] == ELFDATA2LSB else "big"   # for int.from_bytes
         (self.type, e_machine, _version, _entry, phoff, shoff, _flags, _ehsize,
          phentsize, phnum, shentsize, shnum, shstrndx) = layout.header.unpack_from(data, 16)
         self.machine = MACHINES.get(e_machine, f"machine-{e_machine}")

@@ -38,8 +38,8 @@ import sys
 from dataclasses import asdict
 
 from .errors import SdtraceError
-from .refcount import (RUN_DIR, Holding, ProcessDenied, ProcessGone, ensure_run_dir,
-                       read_starttime, revert_holdings, warn_to_stderr)
+from .procfs import alive, read_starttime
+from .refcount import RUN_DIR, Holding, ensure_run_dir, revert_holdings, warn_to_stderr
 
 LEDGER_PATTERN = "semaphores-*.json"
 DONE = b"done"
@@ -50,11 +50,14 @@ SCRATCH_SUFFIX = ".tmp"
 _ledger_numbers = itertools.count()
 
 
-def _alive(process):
-    try:
-        return read_starttime(process["pid"]) == process["starttime"]
-    except (ProcessGone, ProcessDenied):
-        return False
+def _entry(holding, count):
+    """The JSON object of one holding, on the pipe and in the ledger; count 0: no longer held."""
+    return {"holding": asdict(holding), "count": count}
+
+
+def _from_entry(entry):
+    """(Holding, count) of a JSON object made by _entry."""
+    return Holding(**entry["holding"]), entry["count"]
 
 
 class GuardianLink:
@@ -89,7 +92,7 @@ class GuardianLink:
 
     def record(self, holding, count):
         """Tells the guardian that the session now holds `count` increments of `holding`."""
-        self._send(json.dumps({"holding": asdict(holding), "count": count}).encode() + b"\n")
+        self._send(json.dumps(_entry(holding, count)).encode() + b"\n")
 
     def finish(self):
         """The session ended cleanly: the guardian drops the ledger and exits."""
@@ -121,8 +124,7 @@ class GuardianLink:
 def write_ledger(path, owner, guardian, holdings):
     """Replaces the ledger at `path` atomically."""
     record = {"owner": owner, "guardian": guardian,
-              "holdings": [{"holding": asdict(holding), "count": count}
-                           for holding, count in holdings.items()]}
+              "holdings": [_entry(holding, count) for holding, count in holdings.items()]}
     scratch = path + SCRATCH_SUFFIX
     with open(scratch, "w") as ledger:
         json.dump(record, ledger)
@@ -133,7 +135,7 @@ def read_ledger(path):
     """(owner, guardian, [(Holding, count)]) from a ledger file."""
     with open(path) as ledger:
         record = json.load(ledger)
-    holdings = [(Holding(**entry["holding"]), entry["count"]) for entry in record["holdings"]]
+    holdings = [_from_entry(entry) for entry in record["holdings"]]
     return record["owner"], record["guardian"], holdings
 
 
@@ -160,7 +162,7 @@ def revert_dead_ledgers(warn=warn_to_stderr):
             except (OSError, ValueError, KeyError, TypeError) as error:
                 warn(f"{path}: unreadable semaphore ledger: {error}")
                 continue
-            if _alive(owner) or _alive(guardian):
+            if any(alive(process["pid"], process["starttime"]) for process in (owner, guardian)):
                 continue
             revert_holdings(holdings, warn)
             for leftover in (path, path + SCRATCH_SUFFIX):
@@ -193,10 +195,9 @@ def main(argv):
             if line == DONE:
                 finished = True
             elif line:
-                change = json.loads(line)
-                holding = Holding(**change["holding"])
-                if change["count"]:
-                    holdings[holding] = change["count"]
+                holding, count = _from_entry(json.loads(line))
+                if count:
+                    holdings[holding] = count
                 else:
                     holdings.pop(holding, None)
         write_ledger(ledger_path, owner, guardian, holdings)

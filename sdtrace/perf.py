@@ -47,6 +47,7 @@ from operator import itemgetter
 from typing import Callable, Iterable, List, Mapping, Optional, Tuple
 
 from .errors import SdtraceError
+from .libc import libc, machine, syscall_number
 
 PERF_TYPE_TRACEPOINT = 2
 
@@ -131,22 +132,11 @@ DEFAULT_RING_BYTES = 4 << 20
 BACKLOG_LIMIT = 64 << 20   # bytes taken from the rings and not yet walked (RingSet)
 
 
-_libc = None
-
-
-def _c_library() -> ctypes.CDLL:
-    global _libc
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-        _libc.syscall.restype = ctypes.c_long
-    return _libc
-
-
 def _perf_event_open_number() -> int:
-    machine = os.uname().machine
-    if machine not in SYSCALL_PERF_EVENT_OPEN:
-        raise SdtraceError(f"perf_event_open: unsupported machine {machine!r}")
-    return SYSCALL_PERF_EVENT_OPEN[machine]
+    number = syscall_number(SYSCALL_PERF_EVENT_OPEN)
+    if number is None:
+        raise SdtraceError(f"perf_event_open: unsupported machine {machine()!r}")
+    return number
 
 
 def open_tracepoint(event_id: int, pid: int = -1, cpu: int = 0, *, inherit: bool = False,
@@ -171,9 +161,9 @@ def open_tracepoint(event_id: int, pid: int = -1, cpu: int = 0, *, inherit: bool
     attr = PERF_EVENT_ATTR.pack(
         PERF_TYPE_TRACEPOINT, PERF_EVENT_ATTR.size, event_id, 1, SAMPLE_TYPE, 0, flags,
         wakeup_events, 0, 0, 0, 0, 0, 0, CLOCK_MONOTONIC, 0, 0, 0, 0, 0)
-    fd = _c_library().syscall(ctypes.c_long(_perf_event_open_number()), attr,
-                              ctypes.c_long(pid), ctypes.c_long(cpu), ctypes.c_long(-1),
-                              ctypes.c_ulong(PERF_FLAG_FD_CLOEXEC))
+    fd = libc().syscall(ctypes.c_long(_perf_event_open_number()), attr,
+                        ctypes.c_long(pid), ctypes.c_long(cpu), ctypes.c_long(-1),
+                        ctypes.c_ulong(PERF_FLAG_FD_CLOEXEC))
     if fd < 0:
         error = ctypes.get_errno()
         raise SdtraceError(f"perf_event_open(trace event {event_id}, pid {pid}, cpu {cpu}): "
@@ -194,7 +184,7 @@ def _open_hint(error: int) -> str:
 
 
 def _ioctl(fd: int, request: int, argument=0) -> None:
-    if _c_library().ioctl(fd, ctypes.c_ulong(request), argument) != 0:
+    if libc().ioctl(fd, ctypes.c_ulong(request), argument) != 0:
         error = ctypes.get_errno()
         raise SdtraceError(f"perf fd {fd}: ioctl {request:#x} failed: {os.strerror(error)}")
 

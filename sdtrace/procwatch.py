@@ -28,12 +28,14 @@ loop can wait on:
   (CONFIG_FANOTIFY_ACCESS_PERMISSIONS=n) plain ``FAN_OPEN`` notifications are
   used and ``blocking`` is False.  Needs CAP_SYS_ADMIN.
 """
-import ctypes
 import errno
 import os
 import socket
 import struct
 from dataclasses import dataclass
+
+from .libc import checked, libc
+from .procfs import file_identity
 
 NETLINK_CONNECTOR = 11
 CN_IDX_PROC = CN_VAL_PROC = 1
@@ -131,21 +133,6 @@ def _proc_event(message):
     return None
 
 
-def _libc():
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.fanotify_init.argtypes = [ctypes.c_uint, ctypes.c_uint]
-    libc.fanotify_mark.argtypes = [ctypes.c_int, ctypes.c_uint, ctypes.c_uint64, ctypes.c_int,
-                                   ctypes.c_char_p]
-    return libc
-
-
-def _checked(result, what):
-    if result < 0:
-        code = ctypes.get_errno()
-        raise OSError(code, f"{what}: {os.strerror(code)}")
-    return result
-
-
 @dataclass(frozen=True)
 class FileOpen:
     pid: int            # the process that opened a marked file
@@ -157,16 +144,16 @@ class FileOpens:
     """fanotify on a few files: which process opens which of them."""
 
     def __init__(self, paths):
-        libc = _libc()
+        c_library = libc()
         event_flags = os.O_RDONLY | os.O_CLOEXEC | os.O_LARGEFILE
         self.fd, self.blocking = -1, True
         for group_class, mask in ((FAN_CLASS_CONTENT, FAN_OPEN_PERM), (FAN_CLASS_NOTIF, FAN_OPEN)):
-            self.fd = _checked(libc.fanotify_init(group_class | FAN_CLOEXEC | FAN_NONBLOCK,
-                                                  event_flags), "fanotify_init")
+            self.fd = checked(c_library.fanotify_init(group_class | FAN_CLOEXEC | FAN_NONBLOCK,
+                                                      event_flags), "fanotify_init")
             try:
                 for path in paths:
-                    _checked(libc.fanotify_mark(self.fd, FAN_MARK_ADD, mask, AT_FDCWD,
-                                                os.fsencode(path)), f"fanotify_mark {path}")
+                    checked(c_library.fanotify_mark(self.fd, FAN_MARK_ADD, mask, AT_FDCWD,
+                                                    os.fsencode(path)), f"fanotify_mark {path}")
                 self.blocking = mask == FAN_OPEN_PERM
                 return
             except OSError as error:
@@ -202,8 +189,7 @@ class FileOpens:
     def _answer(self, event_fd, pid, mask, before_allow):
         seen = None
         try:
-            status = os.fstat(event_fd)
-            file_id = (os.major(status.st_dev), os.minor(status.st_dev), status.st_ino)
+            file_id = file_identity(event_fd)
             if mask & FAN_OPEN_PERM:
                 try:
                     seen = before_allow(pid)

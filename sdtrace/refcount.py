@@ -11,13 +11,13 @@ The invariant: for every semaphore S of the session and every process M
 mapping S's file, M's counter holds exactly one increment of this session
 while it runs, and loses exactly that one when it stops.
 
-* **Where the counter is.**  /proc/PID/maps lists the file's VMAs; they are
-  matched by (device, inode), never by path.  The counter is in the VMA that
-  is writable and private and whose file range holds the semaphore's file
-  offset: the loader splits the data segment into an r--p RELRO part and an
-  rw-p rest, and the page at the start of the data segment is also mapped
-  read-only as the end of the text, so "the" mapping of a file offset is
-  ambiguous until the permissions are asked.
+* **Where the counter is.**  /proc/PID/maps lists the file's VMAs (read by
+  procfs.py); they are matched by (device, inode), never by path.  The
+  counter is in the VMA that is writable and private and whose file range
+  holds the semaphore's file offset: the loader splits the data segment into
+  an r--p RELRO part and an rw-p rest, and the page at the start of the data
+  segment is also mapped read-only as the end of the text, so "the" mapping
+  of a file offset is ambiguous until the permissions are asked.
 * **Identity.**  A raised counter is a ``Holding``: PID, the process's start
   time (field 22 of /proc/PID/stat), device, inode, file offset and run-time
   address.  The address stands for the mapping: it is fixed by the load bias,
@@ -70,41 +70,24 @@ import select
 import sys
 import threading
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import NamedTuple, Optional, Tuple
+from typing import Optional
 
 from .errors import SdtraceError
+from .procfs import (FileId, ProcessDenied, ProcessGone, alive, file_identity,
+                     mapped_addresses, parse_maps, process_name, read_maps, read_proc,
+                     read_starttime, read_stat)
 
 RUN_DIR = "/run/sdtrace"
 COUNTER_LOCK = "counters.lock"
 COUNTER_LIMIT = 0xffff
 COUNTER_SIZE = 2
-PARENT_FIELD = 4                     # /proc/PID/stat fields (1-based)
-STARTTIME_FIELD = 22
-EI_DATA = 5
-BYTE_ORDERS = {1: "little", 2: "big"}
 RECHECK_DELAYS = (0.0, 0.002, 0.01, 0.05, 0.2, 1.0, 2.0)   # after an open or an exec
 RECONCILE_INTERVAL = 2.0             # re-read the processes that hold counters
 FULL_SCAN_INTERVAL = 1.0             # without fanotify: re-read every process
 FORK_AMBIGUITY_NS = 100_000_000      # a fork this close after a write is settled by the values
 KCMP_VM = 1
 KCMP_SYSCALLS = {"x86_64": 312, "aarch64": 272, "i686": 349, "i386": 349}
-
-FileId = Tuple[int, int, int]        # (device major, device minor, inode)
-
-
-class Mapping(NamedTuple):
-    """One line of /proc/PID/maps."""
-    start: int
-    end: int
-    perms: str          # "rw-p"
-    offset: int         # file offset mapped at `start`
-    file_id: FileId     # (0, 0, 0) for anonymous memory
-    path: str
-
-    def holds(self, file_offset):
-        return self.offset <= file_offset < self.offset + (self.end - self.start)
 
 
 @dataclass(frozen=True)
@@ -134,101 +117,24 @@ class Holding:
         return (self.major, self.minor, self.inode)
 
 
-class ProcessGone(Exception):
-    """The process (or the memory a descriptor was opened on) no longer exists."""
-
-
 class MappingGone(Exception):
     """The process lives but the address is no longer mapped: it unmapped the file
     (dlclose) between our reading its maps and touching its memory."""
 
 
-class ProcessDenied(SdtraceError):
-    """The process exists but its memory cannot be read or written."""
-
-
-# --- reading /proc ------------------------------------------------------------
-
-def file_identity(path):
-    """(major, minor, inode) of `path`, as /proc/PID/maps writes them."""
-    status = os.stat(path)
-    return (os.major(status.st_dev), os.minor(status.st_dev), status.st_ino)
-
-
-def _read_proc(pid, name):
-    try:
-        with open(f"/proc/{pid}/{name}", "rb") as proc_file:
-            return proc_file.read()
-    except (FileNotFoundError, ProcessLookupError):
-        raise ProcessGone(pid) from None
-    except OSError as error:
-        raise ProcessDenied(f"process {pid}: cannot read /proc/{pid}/{name}: "
-                            f"{error.strerror}") from None
-
-
-def read_stat(pid):
-    """(parent PID, start time in clock ticks since boot) of process `pid`; ProcessGone if none."""
-    stat = _read_proc(pid, "stat")
-    fields = stat[stat.rfind(b")") + 2:].split()   # from field 3 (state) on
-    if len(fields) < STARTTIME_FIELD - 2:
-        raise ProcessGone(pid)   # a stat line without its fields: the task is being reaped
-    return int(fields[PARENT_FIELD - 3]), int(fields[STARTTIME_FIELD - 3])
-
-
-def read_starttime(pid):
-    return read_stat(pid)[1]
-
-
-def process_name(pid):
-    try:
-        return _read_proc(pid, "comm").decode("utf-8", "replace").strip()
-    except (ProcessGone, ProcessDenied):
-        return "?"
-
-
-def parse_maps(text):
-    """[Mapping] of a /proc/PID/maps text (bytes)."""
-    mappings = []
-    for line in text.decode("utf-8", "surrogateescape").splitlines():
-        fields = line.split(None, 5)
-        if len(fields) < 5:
-            continue
-        start, end = fields[0].split("-")
-        major, minor = fields[3].split(":")
-        mappings.append(Mapping(int(start, 16), int(end, 16), fields[1], int(fields[2], 16),
-                                (int(major, 16), int(minor, 16), int(fields[4])),
-                                fields[5] if len(fields) > 5 else ""))
-    return mappings
-
-
-def read_maps(pid):
-    return parse_maps(_read_proc(pid, "maps"))
-
+# --- where the counter is -----------------------------------------------------
 
 def counter_addresses(mappings, file_id, offset):
     """Run-time addresses of the counter at file `offset` of file `file_id`, one per copy.
 
     Only a writable private VMA holds the live counter: the same file page
     can also be mapped read-only (RELRO, or the end of the text)."""
-    return [mapping.start + offset - mapping.offset for mapping in mappings
-            if mapping.file_id == file_id and mapping.perms[1] == "w"
-            and mapping.perms[3] == "p" and mapping.holds(offset)]
+    return mapped_addresses(mappings, file_id, offset, "wp")
 
 
 def maps_hold(mappings, holding):
     """Whether the memory `holding` names is still mapped as it was."""
     return holding.address in counter_addresses(mappings, holding.file_id, holding.offset)
-
-
-def elf_byte_order(path):
-    try:
-        with open(path, "rb") as elf:
-            ident = elf.read(EI_DATA + 1)
-    except OSError as error:
-        raise SdtraceError(f"{path}: {error.strerror}") from None
-    if ident[:4] != b"\x7fELF" or len(ident) <= EI_DATA or ident[EI_DATA] not in BYTE_ORDERS:
-        raise SdtraceError(f"{path}: not an ELF file")
-    return BYTE_ORDERS[ident[EI_DATA]]
 
 
 # --- one process's memory -----------------------------------------------------
@@ -264,11 +170,7 @@ class ProcessMemory:
         raise ProcessDenied(f"process {self.pid} ({process_name(self.pid)}): {cause}")
 
     def _failed(self, error, what, address):
-        try:
-            alive = read_starttime(self.pid) == self.starttime
-        except (ProcessGone, ProcessDenied):
-            alive = False
-        if not alive:
+        if not alive(self.pid, self.starttime):
             raise ProcessGone(self.pid)
         if error.errno in (errno.EIO, errno.EFAULT):
             raise MappingGone(self.pid)
@@ -307,16 +209,30 @@ def ensure_run_dir():
         raise SdtraceError(f"{RUN_DIR}: cannot create: {error.strerror} (run as root)") from None
 
 
-@contextmanager
-def counter_lock():
-    """Serialises read-modify-write of counters among sdtrace processes."""
-    ensure_run_dir()
-    fd = os.open(os.path.join(RUN_DIR, COUNTER_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+class CounterLock:
+    """Serialises read-modify-write of counters among sdtrace processes (``with lock:``).
+
+    The lock file is opened at the first use and kept until close().  Not
+    reentrant, and one holder at a time: callers serialise their own threads."""
+
+    def __init__(self):
+        self.fd = -1
+
+    def __enter__(self):
+        if self.fd < 0:
+            ensure_run_dir()
+            self.fd = os.open(os.path.join(RUN_DIR, COUNTER_LOCK),
+                              os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc_info):
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def lower_counter(memory, mappings, holding, count, warn):
@@ -340,25 +256,29 @@ def revert_holdings(holdings, warn):
     by_process = {}
     for holding, count in holdings:
         by_process.setdefault((holding.pid, holding.starttime), []).append((holding, count))
-    for (pid, starttime), entries in by_process.items():
-        try:
-            memory = ProcessMemory(pid, starttime)
-        except ProcessGone:
-            continue
-        except ProcessDenied as error:
-            warn(str(error))
-            continue
-        try:
-            mappings = read_maps(pid)
-            with counter_lock():
-                for holding, count in entries:
-                    lower_counter(memory, mappings, holding, count, warn)
-        except ProcessGone:
-            pass
-        except ProcessDenied as error:
-            warn(str(error))
-        finally:
-            memory.close()
+    lock = CounterLock()
+    try:
+        for (pid, starttime), entries in by_process.items():
+            try:
+                memory = ProcessMemory(pid, starttime)
+            except ProcessGone:
+                continue
+            except ProcessDenied as error:
+                warn(str(error))
+                continue
+            try:
+                mappings = read_maps(pid)
+                with lock:
+                    for holding, count in entries:
+                        lower_counter(memory, mappings, holding, count, warn)
+            except ProcessGone:
+                pass
+            except ProcessDenied as error:
+                warn(str(error))
+            finally:
+                memory.close()
+    finally:
+        lock.close()
 
 
 def warn_to_stderr(message):
@@ -367,13 +287,12 @@ def warn_to_stderr(message):
 
 def _shares_memory(pid, other):
     """Whether two processes share one address space (CLONE_VM, e.g. vfork)."""
-    import ctypes
-    import platform
+    from .libc import libc, syscall_number
 
-    number = KCMP_SYSCALLS.get(platform.machine())
+    number = syscall_number(KCMP_SYSCALLS)
     if number is None:
         return False
-    return ctypes.CDLL(None, use_errno=True).syscall(number, pid, other, KCMP_VM, 0, 0) == 0
+    return libc().syscall(number, pid, other, KCMP_VM, 0, 0) == 0
 
 
 # --- the manager --------------------------------------------------------------
@@ -404,15 +323,19 @@ class SemaphoreManager:
     """
 
     def __init__(self, semaphores, scope=None, *, guardian=True, warn=warn_to_stderr):
-        unique, orders = {}, {}
+        from .elf import ElfFile
+
+        unique, files = {}, {}   # files: path -> (file_id, byte order)
         for path, offset in semaphores:
-            try:
-                file_id = file_identity(path)
-            except OSError as error:
-                raise SdtraceError(f"{path}: {error.strerror}") from None
-            if path not in orders:
-                orders[path] = elf_byte_order(path)
-            unique.setdefault((file_id, offset), Semaphore(file_id, offset, path, orders[path]))
+            if path not in files:
+                try:
+                    file_id = file_identity(path)
+                except OSError as error:
+                    raise SdtraceError(f"{path}: {error.strerror}") from None
+                with ElfFile(path) as elf:
+                    files[path] = file_id, elf.byteorder
+            file_id, byteorder = files[path]
+            unique.setdefault((file_id, offset), Semaphore(file_id, offset, path, byteorder))
         self.semaphores = tuple(unique.values())
         self._tokens = {f" {semaphore.file_id[2]} ".encode() for semaphore in self.semaphores}
         if scope is None or callable(scope):
@@ -425,6 +348,7 @@ class SemaphoreManager:
         self._lock = threading.RLock()
         self._held = {}          # pid -> {Holding: _Count}
         self._memories = {}      # pid -> ProcessMemory
+        self._counter_lock = CounterLock()
         self._warned = set()
         self._rechecks = []      # heap of (monotonic time, pid)
         self._guardian = self._events = self._opens = self._thread = None
@@ -521,6 +445,7 @@ class SemaphoreManager:
                 memory.close()
             self._memories.clear()
             self._held.clear()
+            self._counter_lock.close()
             if self._guardian is not None:
                 self._guardian.finish()
         for fd in (self._wake_read, self._wake_write):
@@ -547,7 +472,7 @@ class SemaphoreManager:
         """Drops the holdings of `pid` that are gone and raises its new counters."""
         try:
             parent, starttime = read_stat(pid)
-            text = _read_proc(pid, "maps")
+            text = read_proc(pid, "maps")
             held = self._held.get(pid, {})
             if held and next(iter(held)).starttime != starttime:
                 self._forget(pid)
@@ -567,7 +492,7 @@ class SemaphoreManager:
             if not present or (not held and self._shares_held_memory(pid, parent)):
                 return
             memory = self._memory(pid, starttime)
-            with counter_lock():
+            with self._counter_lock:
                 for holding in present:
                     value = memory.read_counter(holding.address, holding.byteorder)
                     if holding in held:
@@ -775,7 +700,7 @@ class SemaphoreManager:
             starttime = read_starttime(child)
             mappings = read_maps(child)
             memory = self._memory(child, starttime)
-            with counter_lock():
+            with self._counter_lock:
                 for holding, counted in copied:
                     inherited = replace(holding, pid=child, starttime=starttime)
                     if not maps_hold(mappings, inherited):
@@ -811,7 +736,7 @@ class SemaphoreManager:
             try:
                 memory = self._memory(pid, next(iter(held)).starttime)
                 mappings = read_maps(pid)
-                with counter_lock():
+                with self._counter_lock:
                     for holding, counted in held.items():
                         if counted.released_ns is None:
                             self._tell(holding, 0)

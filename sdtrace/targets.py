@@ -112,34 +112,15 @@ def _cstring(blob, offset):
 
 def process_objects(pid):
     """The distinct ELF files mapped by process `pid`, as paths the tracer can open."""
+    from .procfs import ProcessGone, mapped_files, read_maps
+
     try:
-        with open(f"/proc/{pid}/maps") as maps:
-            lines = maps.read().splitlines()
-    except FileNotFoundError:
+        mappings = read_maps(pid)   # unreadable: ProcessDenied, an SdtraceError
+    except ProcessGone:
         raise SdtraceError(f"process {pid} does not exist") from None
-    except PermissionError:
-        hint = "run as root" if os.geteuid() != 0 else "refused even to root"
-        raise SdtraceError(f"process {pid}: permission denied reading its memory map "
-                           f"({hint})") from None
-    except OSError as error:
-        raise SdtraceError(f"process {pid}: cannot read /proc/{pid}/maps: {error.strerror}") from None
     root = _process_root(pid)
-    seen, paths = set(), []
-    for line in lines:
-        fields = line.split(None, 5)
-        if len(fields) < 6 or not fields[5].startswith("/") or fields[4] == "0":
-            continue
-        identity = (fields[3], fields[4])
-        if identity in seen:
-            continue
-        seen.add(identity)
-        path = fields[5]
-        if path.endswith(" (deleted)"):
-            continue
-        full_path = root + path
-        if _is_elf(full_path):
-            paths.append(full_path)
-    return paths
+    return [root + mapping.path for mapping in mapped_files(mappings).values()
+            if not mapping.path.endswith(" (deleted)") and _is_elf(root + mapping.path)]
 
 
 def _process_root(pid):

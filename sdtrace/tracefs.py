@@ -44,6 +44,8 @@ from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence, Tuple
 
 from .errors import SdtraceError
+from .libc import libc
+from .procfs import alive, read_starttime
 
 MOUNT_POINTS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 GROUP_PREFIX = "sdtrace_"
@@ -53,7 +55,6 @@ _DEFINITION_LINE = re.compile(r"[pr]:(\w+)/(\w+) (\S+):0x([0-9a-f]+)(?:\(0x([0-9
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 MAX_NAME_LENGTH = 63          # MAX_EVENT_NAME_LEN (64) includes the NUL
 REMOVE_BUSY_TIMEOUT = 1.0     # seconds to wait for perf fds to go away
-STARTTIME_FIELD = 22          # /proc/PID/stat field (1-based): start time in ticks
 
 _root: Optional[str] = None
 _session_counter = itertools.count()
@@ -70,9 +71,7 @@ def root() -> str:
 
 
 def _mount(mount_point: str) -> str:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mount.argtypes = (ctypes.c_char_p,) * 3 + (ctypes.c_ulong, ctypes.c_void_p)
-    if libc.mount(b"nodev", mount_point.encode(), b"tracefs", 0, None) != 0:
+    if libc().mount(b"nodev", mount_point.encode(), b"tracefs", 0, None) != 0:
         error = ctypes.get_errno()
         raise SdtraceError(
             f"tracefs: no uprobe_events under {' or '.join(MOUNT_POINTS)} and mounting "
@@ -105,26 +104,10 @@ def supports_ref_ctr() -> bool:
 
 # --- session groups -------------------------------------------------------------------
 
-def _start_time(pid) -> Optional[int]:
-    """Start time in clock ticks of process `pid` ("self" allowed), None if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as file:
-            stat = file.read()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # comm (field 2) may hold spaces and parentheses: count fields after its ')'.
-    fields_after_comm = stat[stat.rindex(b")") + 2:].split()
-    return int(fields_after_comm[STARTTIME_FIELD - 3])
-
-
 def new_group() -> str:
     """A group name for one tracing session: sdtrace_<pid>_<starttime>_<n>."""
-    return f"{GROUP_PREFIX}{os.getpid()}_{_start_time('self')}_{next(_session_counter)}"
-
-
-def _group_owner_alive(group: str) -> bool:
-    pid, start_time, _ = _SESSION_GROUP.match(group).groups()
-    return _start_time(int(pid)) == int(start_time)
+    pid = os.getpid()
+    return f"{GROUP_PREFIX}{pid}_{read_starttime(pid)}_{next(_session_counter)}"
 
 
 def remove_stale() -> "list[str]":
@@ -132,11 +115,16 @@ def remove_stale() -> "list[str]":
 
     A stale group that something still holds open (EBUSY) is left for a later call.
     """
+    by_group = {}
+    for group, event in _defined_events():
+        by_group.setdefault(group, []).append((group, event))
     removed = []
-    for group in sorted({group for group, _ in _defined_events()
-                         if _SESSION_GROUP.match(group) and not _group_owner_alive(group)}):
+    for group, events in sorted(by_group.items()):
+        owner = _SESSION_GROUP.match(group)
+        if owner is None or alive(int(owner[1]), int(owner[2])):
+            continue
         try:
-            remove_group(group)
+            _remove_events(events)
         except SdtraceError:
             continue
         removed.append(group)

@@ -24,7 +24,8 @@ import pytest
 from conftest import Target, address_of, file_offset, maps, read_mem, readelf_notes, write_mem
 from sdtrace import guardian, notes
 from sdtrace.errors import SdtraceError
-from sdtrace.refcount import RUN_DIR, SemaphoreManager, read_starttime
+from sdtrace.procfs import read_starttime
+from sdtrace.refcount import RUN_DIR, SemaphoreManager
 
 COUNTER = struct.Struct("<H")
 PROMPTLY = 2.0      # seconds a new mapping may take to be raised
