@@ -5,17 +5,39 @@ People get aligned tables and one line per event; programs get JSON lines
 """
 import functools
 import json
-from json.encoder import encode_basestring_ascii as _quote  # C-accelerated JSON string quoting
+from json.encoder import encode_basestring_ascii as quote  # a str as a JSON string (in C)
 
 
-def table(header, rows):
-    """Rows of strings as aligned columns, the last column left ragged."""
-    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header) - 1)]
+def table(header, rows, right=()):
+    """Rows of strings as aligned columns: the columns whose indexes are in
+    `right` right-justified, the others left-justified, the last one ragged."""
+    rows = [header, *rows]
+    last = len(header) - 1
+    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
     lines = []
-    for row in [header, *rows]:
-        cells = [cell.ljust(width) for cell, width in zip(row, widths)] + [row[-1]]
+    for row in rows:
+        cells = [cell.rjust(width) if column in right else cell if column == last
+                 else cell.ljust(width)
+                 for column, (cell, width) in enumerate(zip(row, widths))]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
+
+
+def open_output(path):
+    """`path` opened for writing events (block-buffered); SdtraceError if it cannot be."""
+    from .errors import SdtraceError
+
+    try:
+        return open(path, "w", buffering=1 << 20)
+    except OSError as error:
+        raise SdtraceError(f"{path}: {error.strerror}") from None
+
+
+def finite(value):
+    """`value` as JSON can hold it: None for a float NaN or infinity."""
+    if isinstance(value, float) and (value != value or abs(value) == float("inf")):
+        return None
+    return value
 
 
 def operand_record(operand):
@@ -103,9 +125,9 @@ def _json_value(value):
     if value is None:
         return "null"
     if isinstance(value, str):
-        return _quote(value)
+        return quote(value)
     if isinstance(value, float):
-        return json.dumps(value) if value == value and abs(value) != float("inf") else "null"
+        return json.dumps(finite(value))
     return str(value)
 
 
@@ -113,7 +135,7 @@ def _human_value(value):
     if value is None:
         return "?"
     if isinstance(value, str):
-        return _quote(value)
+        return quote(value)
     return str(value)
 
 
@@ -133,32 +155,34 @@ class EventWriter:
     def __init__(self, json_lines):
         self.json_lines = json_lines
         if json_lines:
-            self.comm_text = self.string_text = _quote
+            self.comm_text = self.string_text = quote
             self.comm_absent, self.string_absent = '""', "null"
         else:
-            self.comm_text, self.string_text = _human_comm, _quote
+            self.comm_text, self.string_text = _human_comm, quote
             self.comm_absent, self.string_absent = _human_comm("?"), "?"
 
-    def item(self, site, arguments):
+    def item(self, site, arguments, comm="comm"):
         """Source of the (ts, probe, text) item of `site`'s events, and the names it uses.
 
-        The item holds only a str and ints: the cyclic GC untracks such tuples
-        at its first pass instead of carrying them through its generations.
+        `comm` is the expression of the comm the line shows.  The item holds
+        only a str and ints: the cyclic GC untracks such tuples at its first
+        pass instead of carrying them through its generations.
         """
         from .events import VALUE
         from .providers import argument_names
 
         if self.json_lines:
             line, separator, value = _JSON_LINE, ", ", "json_value"
-            site_text = f'"probe": {_quote(site.probe)}, "file": {_quote(site.file)}, "args": ['
+            site_text = f'"probe": {quote(site.probe)}, "file": {quote(site.file)}, "args": ['
         else:
             line, separator, value = _HUMAN_LINE, " ", "human_value"
             site_text = f"{site.probe}:"
+        line = line.replace("{comm}", f"{{{comm}}}")
         parts = [f"{{{value}({expression})}}" if kind == VALUE else f"{{{expression}}}"
                  for kind, expression in arguments]
         names = self.json_lines and argument_names(site.probe, len(parts))
         if names:   # a known provider's argument names (providers.py): identifiers, safe here
-            named = ", ".join(f"{_quote(name)}: {part}" for name, part in zip(names, parts))
+            named = ", ".join(f"{quote(name)}: {part}" for name, part in zip(names, parts))
             line = line.replace("ARGUMENTS]", f'ARGUMENTS], "named": {{{{{named}}}}}')
         line = line.replace("ARGUMENTS", separator.join(parts))
         return (f"(ts, probe, f{line!r})",
@@ -166,10 +190,18 @@ class EventWriter:
                  "human_value": _human_value})
 
 
+def summary_line(events, lost):
+    """The line that ends every session's stderr; its form is fixed for scripts."""
+    return f"sdtrace: {events} events, {lost} lost\n"
+
+
+def lost_warning(count):
+    """The warning for `count` events the rings had no room for (without "sdtrace: ")."""
+    return f"lost {count} events (ring full; try --buffer-pages)"
+
+
 def summary(counts, lost):
-    """The end-of-trace summary for stderr; its last line is fixed for scripts."""
-    lines = [f"{count:>10}  {probe}" for probe, count in
+    """The end-of-trace summary for stderr: hits per probe, then summary_line."""
+    lines = [f"{count:>10}  {probe}\n" for probe, count in
              sorted(counts.items(), key=lambda item: (-item[1], item[0]))]
-    total = sum(counts.values())
-    lines.append(f"sdtrace: {total} events, {lost} lost")
-    return "\n".join(lines) + "\n"
+    return "".join(lines) + summary_line(sum(counts.values()), lost)

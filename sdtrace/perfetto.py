@@ -5,8 +5,9 @@ written as events come so that a long trace never sits in memory:
 
 * a START/END pair becomes a complete event (``"ph": "X"``) on its thread,
   ``ts`` the START's time and ``dur`` the END's time minus it;
-* a hit that is not part of a pair becomes an instant event (``"ph": "i"``,
-  ``"s": "t"``, thread scope);
+* a hit of a probe that is neither a START nor an END becomes an instant
+  event (``"ph": "i"``, ``"s": "t"``, thread scope); an END with no open
+  START and a START still open when the trace ends are left out;
 * process and thread names become metadata events (``"ph": "M"``,
   ``process_name`` / ``thread_name``) from the comm of the hits, written
   last, once every thread has been seen.
@@ -27,7 +28,7 @@ matched key.
 import json
 
 from .aggregate import ARGS, COMM, PID, SITE, TID, TS, Pairer, TimeOrder
-from .errors import SdtraceError
+from .output import finite, open_output, quote
 
 # (START suffix, END suffix) in order of preference
 SPAN_SUFFIXES = (("entry", "return"), ("start", "done"), ("begin", "end"), ("start", "end"))
@@ -40,32 +41,37 @@ def _micros(nanoseconds):
     return f"{sign}{magnitude // 1000}.{magnitude % 1000:03d}"
 
 
-def _json_value(value):
-    if isinstance(value, float) and (value != value or abs(value) == float("inf")):
-        return None
-    return value
-
-
-def argument_record(site, args):
-    """{name: value} for a hit's arguments, by documented name or argN."""
-    from .providers import argument_names
-
-    names = argument_names(site.probe, len(args)) or [f"arg{index}" for index in range(len(args))]
-    return {name: _json_value(value) for name, value in zip(names, args)}
-
-
 class TimelineWriter:
     """Streams trace events to `path`; close() completes the file."""
 
     def __init__(self, path):
-        try:
-            self.file = open(path, "w", buffering=1 << 20)
-        except OSError as error:
-            raise SdtraceError(f"{path}: {error.strerror}") from None
+        self.file = open_output(path)
         self.file.write('{"displayTimeUnit": "ns", "traceEvents": [\n')
         self.separator = ""
         self.threads = {}        # tid -> (pid, comm)
         self.processes = {}      # pid -> comm of its main thread, or of its first hit
+        self.sites = {}          # site -> (argument names, the head of its instant events)
+
+    def _site(self, record):
+        """(argument names, instant event head) of the record's site, made at
+        its first hit: the names are the documented ones (providers.py) or argN."""
+        site = record[SITE]
+        known = self.sites.get(site)
+        if known is None:
+            from .providers import argument_names
+
+            argument_count = len(record[ARGS])
+            names = (argument_names(site.probe, argument_count)
+                     or [f"arg{index}" for index in range(argument_count)])
+            head = (f'{{"ph": "i", "s": "t", "name": {quote(site.probe)}, '
+                    f'"cat": {quote(site.probe.partition(":")[0])}, ')
+            known = self.sites[site] = (names, head)
+        return known
+
+    def _arguments(self, record):
+        """{name: value} for a hit's arguments."""
+        names, _head = self._site(record)
+        return {name: finite(value) for name, value in zip(names, record[ARGS])}
 
     def _event(self, text):
         self.file.write(self.separator + text)
@@ -81,20 +87,17 @@ class TimelineWriter:
         """A complete event on the START's thread, from START to END."""
         self._note(start)
         self._note(end)
-        args = {"start": argument_record(start[SITE], start[ARGS]),
-                "end": argument_record(end[SITE], end[ARGS])}
-        self._event(f'{{"ph": "X", "name": {json.dumps(name)}, "cat": {json.dumps(category)}, '
+        args = {"start": self._arguments(start), "end": self._arguments(end)}
+        self._event(f'{{"ph": "X", "name": {quote(name)}, "cat": {quote(category)}, '
                     f'"ts": {_micros(start[TS])}, "dur": {_micros(end[TS] - start[TS])}, '
                     f'"pid": {start[PID]}, "tid": {start[TID]}, "args": {json.dumps(args)}}}')
 
     def instant(self, record):
         """An instant event on the hit's thread."""
         self._note(record)
-        site = record[SITE]
-        self._event(f'{{"ph": "i", "s": "t", "name": {json.dumps(site.probe)}, '
-                    f'"cat": {json.dumps(site.probe.partition(":")[0])}, '
-                    f'"ts": {_micros(record[TS])}, "pid": {record[PID]}, "tid": {record[TID]}, '
-                    f'"args": {json.dumps(argument_record(site, record[ARGS]))}}}')
+        _names, head = self._site(record)
+        self._event(f'{head}"ts": {_micros(record[TS])}, "pid": {record[PID]}, '
+                    f'"tid": {record[TID]}, "args": {json.dumps(self._arguments(record))}}}')
 
     def close(self):
         """Write the names of every process and thread seen, and end the file."""
@@ -146,33 +149,38 @@ def span_roles(sites):
 
 class TraceTimeline:
     """The timeline of ``sdtrace trace --perfetto``, and the events.py emitter
-    of that trace: its items are the event writer's ``(ts, site, text)``
-    plus the record, ``(ts, site, text, record)``, so the trace loop writes
+    of that trace: its items are the event writer's ``(ts, probe, text)``
+    plus the record, ``(ts, probe, text, record)``, so the trace loop writes
     the text and hands the same items, after its -n cut, to add()."""
     comm_text = string_text = str          # the record's values stay raw ...
     comm_absent = string_absent = None
 
     def __init__(self, path, session, writer):
+        import functools
+
+        from .events import TEXT_CACHE_ENTRIES
+
         self.session = session
         self.writer = writer
         self.timeline = TimelineWriter(path)
         self.order = TimeOrder()
         self.pairer = None
+        self.spans = {}          # START site -> (its label's argument positions, span name)
+
+        @functools.lru_cache(maxsize=TEXT_CACHE_ENTRIES)     # comms repeat: format each once
+        def writer_comm(comm):
+            return writer.comm_absent if comm is None else writer.comm_text(comm)
+        self.writer_comm = writer_comm
 
     def item(self, site, arguments):
         """... and the writer formats them itself: strings as values, comm through its comm_text."""
         from .events import RECORDS, TEXT, VALUE
 
-        writer = self.writer
-        text, names = writer.item(site, [(VALUE if kind == TEXT else kind, expression)
-                                         for kind, expression in arguments])
+        text, names = self.writer.item(site, [(VALUE if kind == TEXT else kind, expression)
+                                              for kind, expression in arguments],
+                                       comm="writer_comm(comm)")
         record, _ = RECORDS.item(site, arguments)
-
-        def writer_comm(comm):
-            return writer.comm_absent if comm is None else writer.comm_text(comm)
-
-        return (f"(lambda comm: {text})(writer_comm(comm)) + ({record},)",
-                {**names, "writer_comm": writer_comm})
+        return f"{text} + ({record},)", {**names, "writer_comm": self.writer_comm}
 
     def add(self, items):
         """Put the records of trace items on the timeline."""
@@ -186,17 +194,21 @@ class TraceTimeline:
             if record[SITE] not in roles:
                 self.timeline.instant(record)
         for start, end in self.pairer.add(records):
-            self.timeline.slice(self._name(start), start, end, span_name(start[SITE].probe))
+            label, span = self._span(start)
+            name = " ".join(str(start[ARGS][index]) for index in label) if label else span
+            self.timeline.slice(name, start, end, span)
 
-    @staticmethod
-    def _name(start):
-        from .providers import span_label
+    def _span(self, start):
+        """(label positions, span name) of a START record's site, found at its first pair:
+        a slice is named by the label arguments (providers.py), or else by the span."""
+        site = start[SITE]
+        known = self.spans.get(site)
+        if known is None:
+            from .providers import span_label
 
-        site, args = start[SITE], start[ARGS]
-        label = span_label(site.probe, len(args))
-        if label:
-            return " ".join(str(args[index]) for index in label)
-        return span_name(site.probe)
+            known = self.spans[site] = (span_label(site.probe, len(start[ARGS])),
+                                        span_name(site.probe))
+        return known
 
     def close(self):
         self._place(self.order.flush())

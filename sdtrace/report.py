@@ -24,10 +24,9 @@ def _shown(value):
 def count_table(result, top=None):
     """The table of a CountResult: COUNT then one column per key."""
     rows = result.rows[:top] if top else result.rows
-    width = max([len("COUNT")] + [len(str(count)) for _values, count in rows])
-    header = ["COUNT".rjust(width), *(key.text.upper() for key in result.keys)]
-    lines = [[str(count).rjust(width), *map(_shown, values)] for values, count in rows]
-    return table(header, lines) + "\n"
+    header = ["COUNT", *(key.text.upper() for key in result.keys)]
+    lines = [[str(count), *map(_shown, values)] for values, count in rows]
+    return table(header, lines, right={0}) + "\n"
 
 
 def _key_record(keys, values):
@@ -103,13 +102,12 @@ def histograms_text(result, unit=""):
                      for values, distribution in result.rows)
 
 
-def histograms_json(result, extra=None):
+def histograms_json(result):
     lines = []
     for values, distribution in result.rows:
         record = {**_key_record(result.keys, values), **statistics(distribution),
                   "buckets": [{"low": bucket.low, "high": bucket.high, "count": bucket.count}
-                              for bucket in distribution.buckets()],
-                  **(extra or {})}
+                              for bucket in distribution.buckets()]}
         lines.append(json.dumps(record) + "\n")
     return "".join(lines)
 
