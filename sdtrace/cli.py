@@ -136,36 +136,22 @@ def build_parser():
     return parser
 
 
-def context_files(args):
-    """The objects that specs without a target are searched in."""
-    from . import targets
+def listed_probes(args):
+    """The probe sites `sdtrace list` shows, each once, in order."""
+    from .specs import context_objects, parse_spec, select_probes
 
-    if args.pid is not None:
-        return targets.process_objects(args.pid)
-    if args.command:
+    specs = [parse_spec(text) for text in args.specs]
+    command = None
+    if args.command is not None:
         import shlex
 
-        words = shlex.split(args.command)
-        if not words:
-            raise SdtraceError("-c: empty command")
-        return targets.command_objects(words[0])
-    return ()
-
-
-def selected_probes(args, specs_text):
-    """Unique (probe, spec) pairs selected by the command's specs, in order."""
-    from .specs import parse_spec, select_probes
-
-    specs = [parse_spec(text) for text in specs_text]
-    files = context_files(args)
+        command = shlex.split(args.command)
+    files = context_objects(args.pid, command)
     if not specs:
         if not files:
             raise SdtraceError("nothing to list: give a TARGET, a SPEC, -p PID or -c CMD")
         specs = [parse_spec("*:*")]
-    unique = {}
-    for probe, spec in select_probes(specs, files):
-        unique.setdefault((probe.file, probe.offset, probe.provider, probe.name), (probe, spec))
-    return list(unique.values())
+    return [probe for probe, _spec in select_probes(specs, files)]
 
 
 def warn(message):
@@ -175,7 +161,7 @@ def warn(message):
 def run_list(args):
     from . import output
 
-    probes = [probe for probe, _spec in selected_probes(args, args.specs)]
+    probes = listed_probes(args)
     for probe in probes:
         for operand in probe.operands:
             if operand.error:
@@ -190,7 +176,6 @@ def run_list(args):
 
 def run_trace(args):
     import collections
-    import time
 
     from . import output
     from .session import Session
@@ -216,23 +201,13 @@ def run_trace(args):
             for message in session.warnings:
                 warn(message)
             sys.stderr.write(f"sdtrace: tracing {len(session.sites)} site(s); Ctrl-C to end\n")
-            deadline = None if args.duration is None else time.monotonic() + args.duration
-            while written != args.count and not stop.requested:
-                running = session.running
-                lines = session.read_records(0.1 if deadline is None
-                                             else max(0.0, min(0.1, deadline - time.monotonic())),
-                                             timeline or writer)
+            for lines in session.batches(timeline or writer, args.duration,
+                                         lambda: stop.requested or written == args.count):
                 written += _emit(lines, args.count, written, sink, counts, timeline)
                 if session.lost != reported_lost:
                     sys.stderr.write(f"sdtrace: lost {session.lost - reported_lost} events "
                                      f"(ring full; try --buffer-pages)\n")
                     reported_lost = session.lost
-                if not running or (deadline is not None and time.monotonic() >= deadline):
-                    break
-            if written != args.count:
-                written += _emit(session.finish(timeline or writer), args.count, written, sink,
-                                 counts, timeline)
-            session.stop_command()
     finally:
         sink.flush()
         if sink is not sys.stdout:

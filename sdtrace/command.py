@@ -25,8 +25,8 @@ instruction pointer), so nothing has to be restored or single-stepped.
 Threads, forks and execs of the command are followed (PTRACE_O_TRACECLONE,
 TRACEFORK, TRACEVFORK, TRACEEXEC), so every process of the tree is held the
 same way.  Only x86-64 is supported for these stops; elsewhere the command
-runs untraced and the counters are raised as the semaphore manager notices
-new mappings.
+is not ptraced, and its counters are raised as the semaphore manager notices
+its new processes and mappings (best effort, said in a warning).
 
 All ptrace requests must come from the thread that forked the command, so
 one thread forks, waits for the release, and then serves the stops until the
@@ -62,10 +62,14 @@ class Command:
 
     def __init__(self, argv, on_load=None):
         self.argv = list(argv)
-        self.on_load = on_load           # stop at exec and library loads, call on_load(pid)
         self.pid = None
         self.exit_status = None
         self.warnings = []
+        if on_load is not None and machine() != "x86_64":
+            self.warnings.append(f"holding a command at its library loads needs x86-64, not "
+                                 f"{machine()}: its semaphores are raised as they are noticed")
+            on_load = None
+        self.on_load = on_load           # stop at exec and library loads, call on_load(pid)
         self._gate = threading.Event()   # set by release()
         self._started = threading.Event()
         self._exec_done = threading.Event()
@@ -284,8 +288,6 @@ def _loader_hook(pid):
     from .elf import ElfError, ElfFile
     from .procfs import ProcessDenied, ProcessGone, file_identity, mapped_addresses, read_maps
 
-    if machine() != "x86_64":
-        return None
     try:
         executable = os.readlink(f"/proc/{pid}/exe")
         with ElfFile(executable) as elf:

@@ -65,13 +65,13 @@ class ProbeSite:
     """One armed site as events refer to it (hashed by identity: it keys counters)."""
     probe: str                  # "provider:name"
     file: str
-    offset: int
     event: str                  # the trace event's name in the session's group
     plans: tuple                # fetchargs.ArgumentPlan per argument
 
 
 class Event:
-    """One probe hit.  Attributes are the keys of ``sdtrace trace --json``."""
+    """One probe hit.  Attributes are the keys of ``sdtrace trace --json`` (all
+    but ``named``, which providers.argument_names gives for the probe)."""
     __slots__ = ("ts", "pid", "tid", "cpu", "comm", "probe", "file", "args")
 
     def __init__(self, ts, pid, tid, cpu, comm, probe, file, args):
@@ -83,8 +83,6 @@ class Event:
         ts, pid, tid, cpu, comm, site, args = record
         return cls(ts, pid, tid, cpu, comm, site.probe, site.file, args)
 
-    def as_dict(self):
-        return {name: getattr(self, name) for name in self.__slots__}
 
     def __repr__(self):
         return (f"Event(ts={self.ts}, pid={self.pid}, tid={self.tid}, cpu={self.cpu}, "

@@ -42,6 +42,7 @@ import mmap
 import os
 import select
 import struct
+import time
 from collections import deque
 from operator import itemgetter
 from typing import Callable, Iterable, List, Mapping, Optional, Tuple
@@ -328,14 +329,9 @@ class Ring:
         return data
 
     def close(self) -> None:
-        """Disable and close every fd of the ring and unmap it; idempotent."""
+        """Close every fd of the ring (which stops it) and unmap it; idempotent."""
         if self._map.closed:
             return
-        for fd in reversed(self.fds):          # redirected fds first, the leader last
-            try:
-                disable(fd)
-            except SdtraceError:
-                pass
         self._map.close()
         for fd in reversed(self.fds):
             os.close(fd)
@@ -420,7 +416,9 @@ class RingSet:
 
         True if a ring woke; drain after a timeout too, rings may hold samples.
         """
-        if not self._polled:
+        if not self._polled:            # every ring hung up: nothing can wake us
+            if timeout:
+                time.sleep(timeout)
             return False
         ready = self._poll.poll(None if timeout is None else timeout * 1000)
         for fd, events in ready:
@@ -475,7 +473,7 @@ class RingSet:
                 self.backlog_bytes += len(data)
 
     def close(self) -> None:
-        """Disable and close every fd and unmap every ring; idempotent."""
+        """Close every fd and unmap every ring; idempotent."""
         if self._closed:
             return
         self._closed = True

@@ -95,6 +95,16 @@ def alive(pid, starttime):
         return False
 
 
+def descends_from(pid, ancestor):
+    """Whether process `pid` is `ancestor` or one of its descendants."""
+    try:
+        while pid > 1 and pid != ancestor:
+            pid = read_stat(pid)[0]
+    except (ProcessGone, ProcessDenied):
+        return False
+    return pid == ancestor
+
+
 def process_name(pid):
     """The comm of process `pid`, "?" if it cannot be read."""
     try:

@@ -34,7 +34,7 @@ import re
 import shlex
 import time
 
-from . import events, fetchargs, perf, providers, specs, targets, tracefs
+from . import events, fetchargs, perf, providers, specs, tracefs
 from .errors import SdtraceError
 
 
@@ -57,6 +57,8 @@ class Session:
         self.spec_texts = list(probe_specs)
         self.pid = pid
         self.command = shlex.split(command) if isinstance(command, str) else command
+        if self.command is not None and not self.command:
+            raise SdtraceError("-c: empty command")
         self.buffer_pages = buffer_pages
         self.sites = []
         self.warnings = []
@@ -89,24 +91,25 @@ class Session:
             self.semaphores = "kernel" if tracefs.supports_ref_ctr() else "user"
         selected = self._select()
         user_mode = self.semaphores == "user"
-        if user_mode:
-            from . import guardian, refcount
-
-            guardian.revert_dead_ledgers()
-            self._manager = refcount.SemaphoreManager.for_probes(
-                [probe for probe, _spec in selected],
-                scope=None if self.pid is None and not self.command else set())
-        if self.command:
+        if self.command is not None:
             from .command import Command
 
             self._command = Command(self.command, on_load=self._raise_in if user_mode else None)
             self.child = self._command.start()
+        if user_mode:
+            from . import guardian, procfs, refcount
+
+            guardian.revert_dead_ledgers()
+            if self.child is not None:
+                scope = lambda pid: procfs.descends_from(pid, self.child)  # noqa: E731
+            else:
+                scope = None if self.pid is None else {self.pid}
+            self._manager = refcount.SemaphoreManager.for_probes(
+                [probe for probe, _spec in selected], scope=scope)
         self._define(selected)
         self._arm()
         if self._manager is not None:
             self._manager.start()
-            if self.pid is not None:
-                self._raise_in(self.pid)
         if self._command is not None:
             self._command.release()
             self.warnings.extend(self._command.warnings)
@@ -119,26 +122,17 @@ class Session:
         parsed = [specs.parse_spec(text) for text in self.spec_texts]
         if not parsed:
             raise SdtraceError("no probe spec given")
-        if self.pid is not None:
-            context = targets.process_objects(self.pid)
-        elif self.command:
-            context = targets.command_objects(self.command[0])
-        else:
-            context = ()
-        unique = {}
-        for probe, spec in specs.select_probes(parsed, context):
-            key = (probe.file, probe.offset, probe.provider, probe.name)
-            if key not in unique:
-                unique[key] = (probe, spec)
-        return list(unique.values())
+        selected = specs.select_probes(parsed, specs.context_objects(self.pid, self.command))
+        for probe, _spec in selected:
+            if probe.semaphore_error:
+                raise SdtraceError(f"{probe.file}: {probe.qualified_name}: unusable semaphore: "
+                                   f"{probe.semaphore_error}")
+        return selected
 
     def _define(self, selected):
         definitions = []
         self._group = tracefs.new_group()
         for index, (probe, spec) in enumerate(selected):
-            if probe.semaphore_error:
-                raise SdtraceError(f"{probe.file}: {probe.qualified_name}: unusable semaphore: "
-                                   f"{probe.semaphore_error}")
             plans = fetchargs.plan_probe(probe, providers.argument_types(probe, spec.types))
             for argument, plan in enumerate(plans):
                 if plan.unavailable:
@@ -150,7 +144,7 @@ class Session:
                 self._group, event, probe.file, probe.offset,
                 probe.semaphore if self.semaphores == "kernel" else None,
                 (events.COMM_FETCH, *fetchargs.fetch_arguments(plans))))
-            self.sites.append(events.ProbeSite(probe.qualified_name, probe.file, probe.offset,
+            self.sites.append(events.ProbeSite(probe.qualified_name, probe.file,
                                                event, tuple(plans)))
         tracefs.add_uprobes(definitions)
 
@@ -201,23 +195,47 @@ class Session:
 
     @property
     def running(self):
-        """False once a traced command has exited and the backlog (perf.py) is read."""
-        return (self._command is None or self._command.exit_status is None
-                or self._rings.pending)
+        """False once the traced command, or every thread of the traced process,
+        has exited, and the backlog (perf.py) is read.  A system-wide session runs
+        until it is stopped."""
+        if self._rings.pending:
+            return True
+        if self._command is not None:
+            return self._command.exit_status is None
+        if self.pid is not None:
+            return self._rings.alive
+        return True
+
+    def batches(self, emitter=None, duration=None, stop=None, interval=None):
+        """Yield batches of records (or `emitter`'s items, see read_records) until
+        `stop()` is true, `duration` seconds pass, or the traced command or
+        process ends; the last batch is what finish() collects.  A batch comes
+        at least every 0.1 s (empty if nothing happened) and on each multiple
+        of `interval` seconds, so a caller can act on time between batches.
+        """
+        now = time.monotonic()
+        deadline = None if duration is None else now + duration
+        next_tick = None if interval is None else now + interval
+        while stop is None or not stop():
+            running = self.running
+            wakeups = [moment - now for moment in (deadline, next_tick) if moment is not None]
+            yield self.read_records(max(0.0, min([0.1, *wakeups])), emitter)
+            now = time.monotonic()
+            if next_tick is not None and now >= next_tick:
+                next_tick += interval * (1 + (now - next_tick) // interval)
+            if not running or (deadline is not None and now >= deadline):
+                break
+        yield self.finish(emitter)
 
     def events(self, count=None, duration=None):
-        """Yield Event objects until `count` events, `duration` seconds, or the command exits."""
-        deadline = None if duration is None else time.monotonic() + duration
+        """Yield Event objects until `count` events, `duration` seconds, or the end."""
         seen = 0
-        while True:
-            running = self.running
-            for record in self.read_records(_timeout(deadline)):
+        for batch in self.batches(duration=duration):
+            for record in batch:
                 yield events.Event.from_record(record)
                 seen += 1
-                if count is not None and seen >= count:
+                if seen == count:
                     return
-            if not running or (deadline is not None and time.monotonic() >= deadline):
-                return
 
     # -- tear-down -----------------------------------------------------------
 
@@ -259,12 +277,6 @@ WAKEUP_EVENTS = 64   # samples per ring before poll() wakes us; timeouts pick up
 # Bytes of samples decoded per read_records() (~3,000 samples, ~5 ms): a reader behind
 # a burst goes back to the rings that often, and the backlog absorbs the burst (perf.py).
 DRAIN_BYTES = 256 << 10
-
-
-def _timeout(deadline, default=0.1):
-    if deadline is None:
-        return default
-    return max(0.0, min(default, deadline - time.monotonic()))
 
 
 _NOT_IDENTIFIER = re.compile(r"[^A-Za-z0-9_]")

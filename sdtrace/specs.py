@@ -67,11 +67,26 @@ def _argument_type(text, entry):
     return entry
 
 
+def context_objects(pid=None, command=None):
+    """The objects that specs without a target are searched in: those mapped by
+    process `pid`, or those the command `command` (an argv list) will map."""
+    from . import targets
+
+    if pid is not None:
+        return targets.process_objects(pid)
+    if command is not None:
+        if not command:
+            raise SdtraceError("-c: empty command")
+        return targets.command_objects(command[0])
+    return ()
+
+
 def select_probes(specs, context_files=()):
-    """[(probe, spec)] for every site that a spec selects, in file order.
+    """[(probe, spec)] for every site that a spec selects, each site once, in order.
 
     `context_files` are the objects searched by specs without a target.  A
-    spec that selects nothing is an error naming the spec and where it looked.
+    spec that selects nothing is an error naming the spec and where it looked;
+    a site several specs select keeps the first spec (and its types).
     """
     from . import notes, targets
 
@@ -82,7 +97,7 @@ def select_probes(specs, context_files=()):
             cache[path] = notes.read_probes(path)
         return cache[path]
 
-    selected = []
+    selected = {}
     for spec in specs:
         if spec.target is not None:
             files = [targets.resolve_target(spec.target)]
@@ -97,5 +112,7 @@ def select_probes(specs, context_files=()):
             if spec.target is not None and not probes_of(files[0]):
                 raise SdtraceError(f"{files[0]}: no SDT notes (.note.stapsdt) in this file")
             raise SdtraceError(f"no probe matches {spec.text!r} in {where}")
-        selected.extend(found)
-    return selected
+        for probe, spec in found:
+            selected.setdefault((probe.file, probe.offset, probe.provider, probe.name),
+                                (probe, spec))
+    return list(selected.values())

@@ -110,7 +110,7 @@ def test_values_of_every_type_decode_alike_on_both_paths(fixtures, opt):
 def test_null_string_is_absent_on_both_paths(program, group):  # noqa: F811
     add_demo_hit(program, group, fetchargs=(events.COMM_FETCH, *program.fetchargs))
     event_format = tracefs.event_format(group, "hit")
-    site = events.ProbeSite("demo:hit", program.path, program.site, "hit",
+    site = events.ProbeSite("demo:hit", program.path, "hit",
                             tuple(ArgumentPlan(fetch=fetch.split("=", 1)[1])
                                   for fetch in program.fetchargs))
     decoder = events.Decoder()
@@ -125,6 +125,6 @@ def test_null_string_is_absent_on_both_paths(program, group):  # noqa: F811
 
 def test_a_format_without_comm_first_is_refused(program, group):  # noqa: F811
     add_demo_hit(program, group)
-    site = events.ProbeSite("demo:hit", program.path, program.site, "hit", ())
+    site = events.ProbeSite("demo:hit", program.path, "hit", ())
     with pytest.raises(SdtraceError, match="comm"):
         events.Decoder().add([1], site, tracefs.event_format(group, "hit"))

@@ -184,3 +184,22 @@ def test_semaphores_option_is_checked():
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and "invalid choice" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_pid_scope_follows_unload_and_reload(fixtures, tmp_path, mode):
+    """-p: the library unloaded and loaded again in the traced process is raised again."""
+    library = fixtures.path("libsdtsem.so")
+    with Target(fixtures.path("semuser"), library) as target:
+        target.send("load")
+        tracer = Tracer(tmp_path, "--semaphores", mode, "-p", str(target.pid), "semlib:tick")
+        try:
+            assert wait_for(lambda: tick_value(target.pid) == 1)
+            target.send("unload")
+            target.send("load")
+            assert wait_for(lambda: tick_value(target.pid) == 1)
+            assert target.send("fire 1") == ["enabled 1"]
+            tracer.stop()
+            assert tick_value(target.pid) == 0
+        finally:
+            tracer.kill()

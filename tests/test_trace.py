@@ -438,3 +438,28 @@ def test_every_site_of_libjvm_in_one_command():
     assert summary_counts(result.stderr)[1] == 0
     with open("/sys/kernel/tracing/uprobe_events") as definitions:
         assert LIBJVM not in definitions.read()
+
+
+def test_pid_trace_ends_when_the_process_exits(fixtures, tmp_path):
+    library = fixtures.path("libsdtsem.so")
+    target = Target(fixtures.path("semuser"), library).start()
+    try:
+        target.send("load")
+        tracer = Tracer(tmp_path, "-p", str(target.pid), "semlib:tick")
+        target.send("fire 2")
+    finally:
+        target.stop()
+    try:
+        tracer.process.wait(timeout=10)      # no signal: it ends by itself
+        _out, err = tracer.process.communicate()
+    finally:
+        tracer.kill()
+    assert tracer.process.returncode == 0
+    assert summary_counts(tracer.stderr + err) == (2, 0)
+    assert len(tracer.events()) == 2
+
+
+def test_empty_command_is_refused():
+    result = subprocess.run(sdtrace_command("trace", "-c", "", "/bin/true:x:y"),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and result.stderr == "sdtrace: -c: empty command\n"
