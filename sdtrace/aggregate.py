@@ -6,7 +6,8 @@ without the commands changing:
 * **plans** say what to compute, in terms of probes and keys only:
   ``Count(keys)``, ``Histogram(value, keys, linear)`` and
   ``Latency(start, end, match, keys)``.  A key is ``probe``, ``pid``, ``tid``,
-  ``comm``, ``argN`` or an argument's documented name (providers.py);
+  ``comm``, ``argN`` (or just ``N``) or an argument's documented name
+  (providers.py);
 * **executors** compute plans.  ``UserSpaceExecutor`` is the one here: it
   builds an aggregator per plan, validated against the session's sites, and
   feeds it every batch of records a Session reads (``stream``).  An in-kernel
@@ -61,23 +62,23 @@ class Key:
 
 
 def parse_key(text):
+    """A Key from its text; a bare number N is argN."""
     text = text.strip()
     if text in _RECORD_FIELDS:
         return Key(text, field=text)
-    if text.startswith("arg") and text[3:].isdigit():
+    if text.isdecimal():
+        return Key(f"arg{text}", argument=int(text))
+    if text.startswith("arg") and text[3:].isdecimal():
         return Key(text, argument=int(text[3:]))
     if text.isidentifier():
         return Key(text, argument_name=text)
-    raise SdtraceError(f"bad key {text!r}: expected probe, pid, tid, comm, argN or an "
+    raise SdtraceError(f"bad key {text!r}: expected probe, pid, tid, comm, argN, N or an "
                        "argument name")
 
 
 def parse_keys(text):
-    """Keys from ``"probe,arg0"``; an empty text is an error."""
-    keys = tuple(parse_key(word) for word in text.split(","))
-    if not keys:
-        raise SdtraceError("no key given")
-    return keys
+    """Keys from ``"probe,arg0"``; an empty key (an empty text, too) is an error."""
+    return tuple(parse_key(word) for word in text.split(","))
 
 
 @dataclass(frozen=True)
@@ -150,8 +151,14 @@ class CountResult:
         return CountResult(self.keys, _ordered([row for row in rows if row[1]]))
 
 
+def _row_order(values, size):
+    """The sort key of a result row: the largest size first, then by key values."""
+    return -size, tuple(map(_sortable, values))
+
+
 def _ordered(rows):
-    return sorted(rows, key=lambda row: (-row[1], tuple(_sortable(value) for value in row[0])))
+    """(values, count) rows, largest count first."""
+    return sorted(rows, key=lambda row: _row_order(row[0], row[1]))
 
 
 SUB_BUCKET_BITS = 4
@@ -199,6 +206,9 @@ class Distribution:
 
     def __init__(self, linear=None):
         self.linear = linear
+        # linear bucket indexes: -1 below MIN, 0 .. slots - 1 from MIN, slots from MAX on
+        self._linear_slots = (None if linear is None
+                              else -(-(linear.maximum - linear.minimum) // linear.step))
         self.count = 0
         self.total = 0
         self.minimum = None
@@ -223,11 +233,6 @@ class Distribution:
         low, high = min(value_counts), max(value_counts)
         self.minimum = low if self.minimum is None else min(self.minimum, low)
         self.maximum = high if self.maximum is None else max(self.maximum, high)
-
-    @property
-    def _linear_slots(self):
-        linear = self.linear
-        return -(-(linear.maximum - linear.minimum) // linear.step)
 
     def copy(self):
         other = Distribution(self.linear)
@@ -429,8 +434,15 @@ def _distribution_rows(distributions, reader):
             merged[values].merge(distribution)
         else:
             merged[values] = distribution.copy()
-    return sorted(merged.items(), key=lambda row: (-row[1].count,
-                                                   tuple(_sortable(v) for v in row[0])))
+    return sorted(merged.items(), key=lambda row: _row_order(row[0], row[1].count))
+
+
+def _add_counts(distributions, raw_key, counts, linear):
+    """Fold {value: times} into the Distribution of `raw_key`, made on first use."""
+    distribution = distributions.get(raw_key)
+    if distribution is None:
+        distribution = distributions[raw_key] = Distribution(linear)
+    distribution.add_counts(counts)
 
 
 class HistogramAggregator(Aggregator):
@@ -467,12 +479,8 @@ class HistogramAggregator(Aggregator):
             for value, times in counts.items():
                 integers[int(value)] += times
             counts = integers
-        if not counts:
-            return
-        distribution = self.distributions.get(raw_key)
-        if distribution is None:
-            distribution = self.distributions[raw_key] = Distribution(self.plan.linear)
-        distribution.add_counts(counts)
+        if counts:
+            _add_counts(self.distributions, raw_key, counts, self.plan.linear)
 
     def result(self):
         return HistogramResult(self.plan.keys, _distribution_rows(self.distributions, self.reader),
@@ -562,13 +570,13 @@ class Pairer:
 
 def site_roles(start, end, sites):
     """{site: (0, is_start)} for the sites the START and END specs select."""
-    from fnmatch import fnmatchcase
+    from types import SimpleNamespace
 
     roles = {}
     for site in sites:
         provider, _, name = site.probe.partition(":")
-        selected = [spec for spec in (start, end)
-                    if fnmatchcase(provider, spec.provider) and fnmatchcase(name, spec.name)]
+        probe = SimpleNamespace(provider=provider, name=name)    # what spec.matches reads
+        selected = [spec for spec in (start, end) if spec.matches(probe)]
         if len(selected) == 2:
             raise SdtraceError(f"{site.probe} matches both {start.text!r} and {end.text!r}")
         if selected:
@@ -612,10 +620,7 @@ class LatencyAggregator(Aggregator):
             if on_pair is not None:
                 on_pair(start, end, self.label(start))
         for raw_key, counts in batch.items():
-            distribution = self.distributions.get(raw_key)
-            if distribution is None:
-                distribution = self.distributions[raw_key] = Distribution(self.plan.linear)
-            distribution.add_counts(counts)
+            _add_counts(self.distributions, raw_key, counts, self.plan.linear)
 
     def label(self, start):
         """What names a pair: its match key values, or the START's probe."""

@@ -219,10 +219,6 @@ SPAN_LABELS = {
              "parse__begin": "sourcefile"},
 }
 
-# Bytes in a pointer, per machine (operands.py's machine names).
-POINTER_SIZES = {"x86_64": 8, "aarch64": 8, "ppc64": 8, "s390x": 8, "riscv64": 8,
-                 "i386": 4, "arm": 4}
-
 
 class ProbeArguments(namedtuple("ProbeArguments", "names types")):
     """The documented arguments of one probe: a name per position, and per
@@ -283,8 +279,9 @@ def argument_types(probe, explicit_types=()):
     if arguments is None or len(explicit_types) > len(probe.operands):
         return explicit_types
     from .fetchargs import plan_argument
+    from .operands import WORD_SIZES
 
-    pointer_size = POINTER_SIZES.get(probe.machine)
+    pointer_size = WORD_SIZES.get(probe.machine)     # bytes in a pointer
     types = []
     for index, (operand, documented) in enumerate(zip(probe.operands, arguments.types)):
         wanted = explicit_types[index] if index < len(explicit_types) else None
