@@ -30,22 +30,17 @@ Run as root after the test suite has built the fixtures:
     python3 bench/count.py [HITS]        (default 1,000,000)
 """
 import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tests"))
-from conftest import Target  # noqa: E402  (the fixtures' driver)
+from common import ENVIRONMENT, FLOOD, HITS, fire, require_flood, settled, untraced_loop
+from conftest import Target, summary_counts  # the fixtures' driver (common put tests/ on the path)
 
-FLOOD = os.path.join(REPO, "tests", "fixtures", "build", "O2", "flood")
-HITS = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
 BUFFER_PAGES = 1 << 15          # 128 MiB per CPU: a whole burst of ~100-byte samples
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-SUMMARY = re.compile(r"^sdtrace: (\d+) events, (\d+) lost$", re.M)
 
 
 def cpu_seconds(pid):
@@ -55,33 +50,16 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS    # utime, stime
 
 
-def settled_cpu_seconds(pid, quiet=0.5):
-    """The process's CPU time once it has stopped growing for `quiet` seconds."""
-    used, changed = cpu_seconds(pid), time.monotonic()
-    while time.monotonic() - changed < quiet:
-        time.sleep(0.05)
-        now = cpu_seconds(pid)
-        if now != used:
-            used, changed = now, time.monotonic()
-    return used
-
-
-def fire(flood, hits):
-    """(hits fired with the semaphore up, loop nanoseconds)."""
-    reply = flood.send(f"fire {hits}", timeout=600)
-    return int(reply[0].split()[1]), int(reply.done)
-
-
 def measure(flood, command, untraced_ns, ready, environment=None):
     """Per-hit figures of one tracer attached to `flood`; returns (figures, tracer stderr)."""
     tracer = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, **(environment or {})})
+                              env={**ENVIRONMENT, **(environment or {})})
     try:
         ready(tracer)
         before = cpu_seconds(tracer.pid)
         fired, loop_ns = fire(flood, HITS)
-        used = settled_cpu_seconds(tracer.pid) - before
+        used = settled(lambda: cpu_seconds(tracer.pid))[0] - before
     finally:
         tracer.send_signal(signal.SIGINT)
         _out, err = tracer.communicate(timeout=600)
@@ -114,13 +92,10 @@ def bpftrace_ready(flood):
 
 
 def main():
-    if not os.path.exists(FLOOD):
-        sys.exit(f"{FLOOD} is not built: run the test suite once")
+    require_flood()
     rows = {}
     with Target(FLOOD, timeout=600) as flood:
-        fired, untraced_ns = fire(flood, HITS)
-        if fired:
-            sys.exit("flood's semaphore is already raised: another tracer is attached")
+        untraced_ns = untraced_loop(flood)
         probe = f"usdt:{FLOOD}:flood:hit"
         if shutil.which("bpftrace"):
             rows["bare uprobe (bpftrace, empty action)"], _ = measure(
@@ -134,7 +109,7 @@ def main():
             flood, [sys.executable, "-m", "sdtrace", "count", "--by", "arg0", "--buffer-pages",
                     str(BUFFER_PAGES), "-p", str(flood.pid), "flood:hit"], untraced_ns,
             wait_for_line("sdtrace: tracing"))
-    received, lost = (int(value) for value in SUMMARY.findall(err)[-1])
+    received, lost = summary_counts(err)
     print(f"{HITS:,} hits of flood:hit, untraced loop {untraced_ns / HITS:.3f} ns/hit")
     print(f"{'':40} {'in target':>10} {'in tracer':>10} {'total':>10}  (us/hit)")
     for name, figures in rows.items():

@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 
+from common import ENVIRONMENT, REPO
+
 FILES = [path for path in (
     "/usr/lib/jvm/java-17-openjdk-amd64/lib/server/libjvm.so",
     "/usr/lib/postgresql/15/bin/postgres",
@@ -26,7 +28,6 @@ REPEAT = int(os.environ.get("REPEAT", "7"))
 # sdtrace without the interpreter's site initialisation: what a packaged
 # install costs, minus this machine's .pth files (pyenv's editable-install
 # finder and a certificate hook add ~20 ms before any sdtrace code runs).
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LEAN_START = f"import sys; sys.path.insert(0, {REPO!r}); from sdtrace.cli import main; sys.exit(main())"
 
 PYELFTOOLS_SCRIPT = r"""
@@ -55,12 +56,6 @@ def median_seconds(function):
         function()
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
-
-
-# As installed by pip: byte-compiled.  (This machine sets PYTHONDONTWRITEBYTECODE,
-# which would make every run recompile sdtrace from source.)
-ENVIRONMENT = {name: value for name, value in os.environ.items()
-               if name != "PYTHONDONTWRITEBYTECODE"}
 
 
 def run(command):

@@ -26,64 +26,35 @@ import sys
 import tempfile
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FLOOD = os.path.join(REPO, "tests", "fixtures", "build", "O2", "flood")
-HITS = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
-ENVIRONMENT = {name: value for name, value in os.environ.items()
-               if name != "PYTHONDONTWRITEBYTECODE"}   # as installed: byte-compiled
+from common import ENVIRONMENT, FLOOD, HITS, fire, require_flood, settled, untraced_loop
+from conftest import Target, address_of, read_mem, summary_counts  # common put tests/ on the path
 
 
-class Flood:
-    """A running flood process driven over stdin/stdout."""
+def probe_armed(flood):
+    """A test of both halves of flood's probe being armed: the semaphore
+    raised and the int3 at the site (read from flood's memory)."""
+    from sdtrace import notes
 
-    def __init__(self):
-        self.process = subprocess.Popen([FLOOD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        text=True, bufsize=1)
-        self.pid = int(self.process.stdout.readline().split()[1])
-        from sdtrace import notes
+    [probe] = notes.read_probes(FLOOD)
+    semaphore = address_of(flood.pid, FLOOD, probe.semaphore, "rw-p")
+    site = address_of(flood.pid, FLOOD, probe.offset, "r-xp")
+    return lambda: (int.from_bytes(read_mem(flood.pid, semaphore, 2), "little") > 0
+                    and read_mem(flood.pid, site, 1) == b"\xcc")
 
-        [self.probe] = notes.read_probes(FLOOD)
 
-    def fire(self, hits):
-        """(hits that fired, loop nanoseconds, monotonic start time in seconds)."""
-        started = time.monotonic()
-        self.process.stdin.write(f"fire {hits}\n")
-        fired = int(self.process.stdout.readline().split()[1])
-        elapsed = int(self.process.stdout.readline().split()[1])
-        return fired, elapsed, started
-
-    def semaphore(self):
-        return int.from_bytes(self._read(self.probe.semaphore, "w", 2), "little")
-
-    def armed(self):
-        """Both halves of an armed probe: the semaphore raised and the int3 at the site."""
-        return self.semaphore() > 0 and self._read(self.probe.offset, "x", 1) == b"\xcc"
-
-    def _read(self, file_offset, permission, size):
-        """`size` bytes of flood's memory at `file_offset` of its mapping with `permission`."""
-        with open(f"/proc/{self.pid}/maps") as maps:
-            for line in maps:
-                fields = line.split()
-                start, end = (int(value, 16) for value in fields[0].split("-"))
-                offset = int(fields[2], 16)
-                if (fields[-1] == FLOOD and permission in fields[1]
-                        and offset <= file_offset < offset + end - start):
-                    with open(f"/proc/{self.pid}/mem", "rb") as memory:
-                        memory.seek(start + file_offset - offset)
-                        return memory.read(size)
-        raise LookupError(f"file offset {file_offset:#x} of flood is not mapped {permission}")
-
-    def close(self):
-        self.process.stdin.close()
-        self.process.wait()
+def timed_fire(flood, hits):
+    """(hits that fired, loop nanoseconds, monotonic start time in seconds)."""
+    started = time.monotonic()
+    return (*fire(flood, hits), started)
 
 
 def start_tracer(command, flood, ready_text, stream):
     """Spawn a tracer; return (process, seconds until flood's probe was armed)."""
+    is_armed = probe_armed(flood)
     started = time.monotonic()
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=stream,
                                stderr=subprocess.PIPE, text=True, env=ENVIRONMENT)
-    while not flood.armed():
+    while not is_armed():
         if process.poll() is not None:
             raise RuntimeError(f"{command[0]} exited: {process.stderr.read()}")
         time.sleep(0.001)
@@ -98,11 +69,11 @@ def run_sdtrace(flood, untraced_ns, output):
     command = [sys.executable, "-m", "sdtrace", "trace", "--json", "-o", output, "-p",
                str(flood.pid), "flood:hit(,str)"]
     process, armed = start_tracer(command, flood, "sdtrace: tracing", subprocess.DEVNULL)
-    fired, elapsed, started = flood.fire(HITS)
-    last_write = _wait_for_quiet_file(output)
+    fired, elapsed, started = timed_fire(flood, HITS)
+    last_write = last_growth(output)
     process.send_signal(signal.SIGINT)
     _out, err = process.communicate(timeout=120)
-    written, lost = (int(word) for word in err.strip().splitlines()[-1].split()[1:4:2])
+    written, lost = summary_counts(err)
     return {"per_hit_us": (elapsed - untraced_ns) / fired / 1000, "fired": fired,
             "written": written, "lost": lost, "rate": written / (last_write - started),
             "armed_ms": armed * 1000}
@@ -115,8 +86,8 @@ def run_bpftrace(flood, untraced_ns, output):
         process, armed = start_tracer(["bpftrace", "-p", str(flood.pid), "-e", program],
                                       flood, None, stream)
         time.sleep(0.5)   # bpftrace's reader starts after its semaphore write
-        fired, elapsed, started = flood.fire(hits)
-        last_write = _wait_for_quiet_file(output)
+        fired, elapsed, started = timed_fire(flood, hits)
+        last_write = last_growth(output)
         process.send_signal(signal.SIGINT)
         process.communicate(timeout=120)
     with open(output) as events:
@@ -127,26 +98,15 @@ def run_bpftrace(flood, untraced_ns, output):
             "armed_ms": armed * 1000}
 
 
-def _wait_for_quiet_file(path, quiet=0.5):
-    """The time of the file's last growth, once it has not grown for `quiet` seconds."""
-    size, changed = -1, time.monotonic()
-    while time.monotonic() - changed < quiet:
-        current = os.path.getsize(path)
-        if current != size:
-            size, changed = current, time.monotonic()
-        time.sleep(0.02)
-    return changed
+def last_growth(path):
+    """The time of the file's last growth, once it has not grown for half a second."""
+    return settled(lambda: os.path.getsize(path), poll=0.02)[1]
 
 
 def main():
-    if not os.path.exists(FLOOD):
-        sys.exit(f"{FLOOD} is not built: run the test suite once (bash .ci/run)")
-    flood = Flood()
-    try:
-        fired, untraced_ns, _start = flood.fire(HITS)
-        if fired:
-            sys.exit("flood's semaphore is already set: another tracer is attached; "
-                     "run the benchmark on a quiet machine")
+    require_flood()
+    with Target(FLOOD, timeout=600) as flood:
+        untraced_ns = untraced_loop(flood)
         results = {}
         with tempfile.TemporaryDirectory() as scratch:
             results["sdtrace trace --json -o FILE"] = run_sdtrace(
@@ -154,8 +114,6 @@ def main():
             if shutil.which("bpftrace"):
                 results["bpftrace printf+str()"] = run_bpftrace(
                     flood, untraced_ns, os.path.join(scratch, "bpftrace.txt"))
-    finally:
-        flood.close()
     print(f"flood:hit(long, str), {HITS:,} hits; untraced loop {untraced_ns / HITS:.3f} ns/hit")
     print(f"{'tracer':30} {'µs/hit':>8} {'fired':>10} {'written':>10} {'lost':>9} "
           f"{'events/s':>10} {'armed ms':>9}")
