@@ -10,7 +10,7 @@ without the commands changing:
   (providers.py);
 * **executors** compute plans.  ``UserSpaceExecutor`` is the one here: it
   builds an aggregator per plan, validated against the session's sites, and
-  feeds it every batch of records a Session reads (``stream``).  An in-kernel
+  is fed every batch of records a Session reads (``Session.batches``).  An in-kernel
   executor would compile the same plans to BPF maps and read them back;
 * **results** are plain data (``CountResult``, ``Distribution``,
   ``LatencyResult``) that report.py renders, whoever computed them.
@@ -40,7 +40,7 @@ import collections
 import operator
 import time
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 from .errors import SdtraceError
 
@@ -651,28 +651,3 @@ class UserSpaceExecutor:
         if isinstance(plan, Latency):
             return LatencyAggregator(plan, sites, on_pair)
         raise TypeError(f"not an aggregation plan: {plan!r}")
-
-
-def stream(session, consume: Callable[[list], None], stop: Callable[[], bool],
-           duration: Optional[float] = None, interval: Optional[float] = None,
-           on_interval: Optional[Callable[[], None]] = None):
-    """Feed every record of `session` to `consume` until `stop()`, `duration`
-    seconds, or the traced command's exit; call `on_interval` every `interval`
-    seconds.  Ends with the records finish() collects; then stops the command."""
-    now = time.monotonic()
-    deadline = None if duration is None else now + duration
-    next_tick = None if interval is None else now + interval
-    while not stop():
-        running = session.running
-        now = time.monotonic()
-        wakeups = [moment for moment in (deadline, next_tick) if moment is not None]
-        timeout = max(0.0, min([0.1, *(moment - now for moment in wakeups)]))
-        consume(session.read_records(timeout))
-        now = time.monotonic()
-        if next_tick is not None and now >= next_tick:
-            on_interval()
-            next_tick += interval * (1 + (now - next_tick) // interval)
-        if not running or (deadline is not None and now >= deadline):
-            break
-    consume(session.finish())
-    session.stop_command()

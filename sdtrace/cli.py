@@ -180,12 +180,10 @@ def run_trace(args):
     from . import output
     from .session import Session
 
-    if args.count is not None and args.count <= 0:
-        raise SdtraceError("-n: COUNT must be positive")
     stop = _StopFlag()
     session = Session(args.specs, pid=args.pid, command=args.command,
                       buffer_pages=args.buffer_pages, semaphores=args.semaphores)
-    sink = _open_output(args.output)
+    sink = sys.stdout if args.output is None else output.open_output(args.output)
     writer = output.EventWriter(args.json)
     timeline = None
     if args.perfetto is not None:
@@ -205,8 +203,7 @@ def run_trace(args):
                                          lambda: stop.requested or written == args.count):
                 written += _emit(lines, args.count, written, sink, counts, timeline)
                 if session.lost != reported_lost:
-                    sys.stderr.write(f"sdtrace: lost {session.lost - reported_lost} events "
-                                     f"(ring full; try --buffer-pages)\n")
+                    sys.stderr.write(f"sdtrace: {output.lost_warning(session.lost - reported_lost)}\n")
                     reported_lost = session.lost
     finally:
         sink.flush()
@@ -260,7 +257,7 @@ def _aggregate(args, specs, plan, interval=None, on_interval=None, on_pair=None)
     """
     import time
 
-    from . import aggregate
+    from . import aggregate, output
     from .session import Session
 
     stop = _StopFlag()
@@ -269,30 +266,23 @@ def _aggregate(args, specs, plan, interval=None, on_interval=None, on_pair=None)
     with session:
         for message in session.warnings:
             warn(message)
-        try:
-            aggregator = aggregate.UserSpaceExecutor(session).aggregator(plan, on_pair)
-        except SdtraceError:
-            session.stop_command()
-            raise
+        aggregator = aggregate.UserSpaceExecutor(session).aggregator(plan, on_pair)
         sys.stderr.write(f"sdtrace: tracing {len(session.sites)} site(s); Ctrl-C to end\n")
         started = time.monotonic()
-        aggregate.stream(session, aggregator.add, lambda: stop.requested, args.duration, interval,
-                         on_interval and (lambda: on_interval(aggregator,
-                                                              time.monotonic() - started)))
+        for batch in session.batches(None, args.duration, lambda: stop.requested, interval,
+                                     on_interval and (lambda: on_interval(
+                                         aggregator, time.monotonic() - started))):
+            aggregator.add(batch)
         aggregator.flush()
     if session.lost:
-        warn(f"lost {session.lost} events (ring full; try --buffer-pages): the results are low")
-    sys.stderr.write(f"sdtrace: {session.received} events, {session.lost} lost\n")
+        warn(f"{output.lost_warning(session.lost)}: the results are low")
+    sys.stderr.write(output.summary_line(session.received, session.lost))
     return aggregator.result(), session
 
 
 def run_count(args):
     from . import aggregate, report
 
-    if args.top is not None and args.top <= 0:
-        raise SdtraceError("--top: N must be positive")
-    if args.interval is not None and args.interval <= 0:
-        raise SdtraceError("--interval: S must be positive")
     plan = aggregate.Count(aggregate.parse_keys(args.by))
     previous = []
 
@@ -317,7 +307,7 @@ def run_hist(args):
     from . import aggregate, report
 
     plan = aggregate.Histogram(
-        aggregate.parse_key(args.arg if not args.arg.isdigit() else f"arg{args.arg}"),
+        aggregate.parse_key(args.arg),
         aggregate.parse_keys(args.by) if args.by else (),
         aggregate.parse_linear(args.linear) if args.linear else None)
     result, session = _aggregate(args, args.specs, plan)
@@ -361,15 +351,6 @@ def run_latency(args):
     return session.exit_status or 0
 
 
-def _open_output(path):
-    if path is None:
-        return sys.stdout
-    try:
-        return open(path, "w", buffering=1 << 20)
-    except OSError as error:
-        raise SdtraceError(f"{path}: {error.strerror}") from None
-
-
 def run_cleanup(_args):
     from . import guardian, tracefs
 
@@ -397,9 +378,22 @@ def run_semaphores(args):
     return 0
 
 
+# Options that must be above 0, by argparse destination.
+POSITIVE_OPTIONS = {"count": "-n", "duration": "-d", "buffer_pages": "--buffer-pages",
+                    "top": "--top", "interval": "--interval"}
+
+
+def _check_positive(args):
+    for name, option in POSITIVE_OPTIONS.items():
+        value = getattr(args, name, None)
+        if value is not None and value <= 0:
+            raise SdtraceError(f"{option}: must be above 0, not {value}")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
+        _check_positive(args)
         return args.run(args)
     except SdtraceError as error:
         sys.stderr.write(f"sdtrace: {error}\n")

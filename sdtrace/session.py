@@ -206,12 +206,13 @@ class Session:
             return self._rings.alive
         return True
 
-    def batches(self, emitter=None, duration=None, stop=None, interval=None):
+    def batches(self, emitter=None, duration=None, stop=None, interval=None,
+                on_interval=None):
         """Yield batches of records (or `emitter`'s items, see read_records) until
         `stop()` is true, `duration` seconds pass, or the traced command or
         process ends; the last batch is what finish() collects.  A batch comes
-        at least every 0.1 s (empty if nothing happened) and on each multiple
-        of `interval` seconds, so a caller can act on time between batches.
+        at least every 0.1 s (empty if nothing happened); `on_interval()` is
+        called every `interval` seconds, after the batch that reaches it.
         """
         now = time.monotonic()
         deadline = None if duration is None else now + duration
@@ -222,6 +223,7 @@ class Session:
             yield self.read_records(max(0.0, min([0.1, *wakeups])), emitter)
             now = time.monotonic()
             if next_tick is not None and now >= next_tick:
+                on_interval()
                 next_tick += interval * (1 + (now - next_tick) // interval)
             if not running or (deadline is not None and now >= deadline):
                 break
@@ -266,10 +268,6 @@ class Session:
             group, self._group = self._group, None
             tracefs.remove_group(group)
 
-    def stop_command(self):
-        """End a traced command that is still running (for -n / -d limits)."""
-        if self._command is not None:
-            self._command.terminate()
 
 
 SEMAPHORE_MODES = ("auto", "kernel", "user")
