@@ -43,9 +43,8 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 from .errors import SdtraceError
+from .events import ARGS, COMM, PID, SITE, TID, TS   # the fields of a record
 
-# Record fields (events.py): (ts, pid, tid, cpu, comm, site, args)
-TS, PID, TID, CPU, COMM, SITE, ARGS = range(7)
 _RECORD_FIELDS = {"pid": PID, "tid": TID, "comm": COMM, "probe": SITE}
 
 

@@ -44,6 +44,7 @@ def _add_session_options(parser):
                         help="stop after SECONDS")
     parser.add_argument("--buffer-pages", type=int, metavar="N",
                         help="ring buffer data pages per CPU, a power of two (default 1024: 4 MiB)")
+    # session.SEMAPHORE_MODES, written out to keep the session modules out of start-up
     parser.add_argument("--semaphores", choices=("auto", "kernel", "user"), default="auto",
                         help="who counts SDT semaphores: the kernel (ref_ctr_offset), sdtrace "
                              "through /proc/PID/mem, or auto (the kernel when it can)")
@@ -321,7 +322,7 @@ def run_hist(args):
 def run_latency(args):
     import json
 
-    from . import aggregate, report
+    from . import aggregate, events, report
     from .specs import parse_spec
 
     plan = aggregate.Latency(
@@ -335,7 +336,7 @@ def run_latency(args):
 
         timeline = TimelineWriter(args.perfetto)
         on_pair = lambda start, end, label: timeline.slice(  # noqa: E731
-            label, start, end, start[aggregate.SITE].probe)
+            label, start, end, start[events.SITE].probe)
     try:
         result, session = _aggregate(args, [args.start, args.end, *args.arm], plan,
                                      on_pair=on_pair)

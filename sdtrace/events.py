@@ -100,6 +100,8 @@ class RecordEmitter:
 
 
 RECORDS = RecordEmitter()
+# The fields of a record, by index (aggregate.py and perfetto.py read records).
+TS, PID, TID, CPU, COMM, SITE, ARGS = range(7)
 
 
 class Decoder:

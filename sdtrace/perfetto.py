@@ -27,7 +27,8 @@ matched key.
 """
 import json
 
-from .aggregate import ARGS, COMM, PID, SITE, TID, TS, Pairer, TimeOrder
+from .aggregate import Pairer, TimeOrder
+from .events import ARGS, COMM, PID, SITE, TID, TS
 from .output import finite, open_output, quote
 
 # (START suffix, END suffix) in order of preference

@@ -14,6 +14,7 @@ A target is written three ways:
 For ``-c CMD`` the objects are the command's executable and, transitively,
 the DT_NEEDED libraries the loader will map.
 """
+import functools
 import os
 import struct
 
@@ -80,16 +81,17 @@ def find_library(name, search_path=()):
     return None
 
 
+@functools.lru_cache(maxsize=1)   # read once: a command's libraries are looked up one by one
 def _ld_cache_entries():
     """(file name, path) pairs of this machine's ABI from /etc/ld.so.cache, in cache order."""
     try:
         with open(LD_SO_CACHE, "rb") as cache_file:
             cache = cache_file.read()
     except OSError:
-        return []
+        return ()
     start = cache.find(CACHE_MAGIC)  # after an old-format block, if any
     if start < 0:
-        return []
+        return ()
     nlibs, _strings_len, _flags, _ext = CACHE_HEADER.unpack_from(cache, start + len(CACHE_MAGIC))
     abi = CACHE_ABI_FLAGS.get(MACHINE)
     first = start + len(CACHE_MAGIC) + CACHE_HEADER.size
@@ -102,7 +104,7 @@ def _ld_cache_entries():
         if abi is not None and flags & 0xffff != abi:
             continue
         entries.append((_cstring(cache, key), _cstring(cache, value)))
-    return entries
+    return tuple(entries)
 
 
 def _cstring(blob, offset):

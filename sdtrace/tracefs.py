@@ -35,6 +35,7 @@ layout into one Struct spanning the whole perf sample.
 """
 import ctypes
 import errno
+import functools
 import itertools
 import os
 import re
@@ -359,9 +360,11 @@ _FIELD_LINE = re.compile(
 class EventFormat:
     """Layout of one event's raw samples and a decoder for its arguments.
 
-    `decode(raw)` returns the argument values in declaration order: ints for
-    integer fields, str for strings (None if the kernel could not read the
-    string: a fault or NULL pointer), bytes for anything else.
+    The tracer's parsers (events.py) are generated from `layout` and `args`.
+    `decode(raw)`, the plain decoder, returns the argument values in
+    declaration order: ints for integer fields, str for strings (None if the
+    kernel could not read the string: a fault or NULL pointer), bytes for
+    anything else; its Structs are only built when it is first used.
     """
 
     def __init__(self, group: str, event: str, fields: Sequence[Field]):
@@ -373,16 +376,19 @@ class EventFormat:
                           and field.name not in _NON_ARGUMENT_FIELDS)
         self.ip_field = next((field for field in self.fields
                               if field.name in PROBE_IP_FIELDS), None)
-        self._ip_struct = struct.Struct("<" + self.ip_field.struct_code) if self.ip_field else None
         layout, position = [], 0
         for field in self.args:
             layout.append(f"{field.offset - position}x{field.struct_code}")
             position = field.offset + field.size
         # struct format of the argument words, from the start of the raw record
         self.layout = "".join(layout)
-        self.struct = struct.Struct("<" + self.layout)
         self.string_indexes = tuple(index for index, field in enumerate(self.args)
                                     if field.is_string)
+
+    @functools.cached_property
+    def struct(self) -> struct.Struct:
+        """The argument words, from the start of the raw record."""
+        return struct.Struct("<" + self.layout)
 
     def decode(self, raw: bytes) -> tuple:
         """The probe's argument values from a PERF_SAMPLE_RAW payload."""
@@ -405,7 +411,7 @@ class EventFormat:
         """The probed instruction's address (return address for return probes)."""
         if self.ip_field is None:
             return None
-        return self._ip_struct.unpack_from(raw, self.ip_field.offset)[0]
+        return struct.unpack_from("<" + self.ip_field.struct_code, raw, self.ip_field.offset)[0]
 
 
 def event_format(group: str, event: str) -> EventFormat:
