@@ -569,13 +569,10 @@ class Pairer:
 
 def site_roles(start, end, sites):
     """{site: (0, is_start)} for the sites the START and END specs select."""
-    from types import SimpleNamespace
-
     roles = {}
     for site in sites:
         provider, _, name = site.probe.partition(":")
-        probe = SimpleNamespace(provider=provider, name=name)    # what spec.matches reads
-        selected = [spec for spec in (start, end) if spec.matches(probe)]
+        selected = [spec for spec in (start, end) if spec.matches_name(provider, name)]
         if len(selected) == 2:
             raise SdtraceError(f"{site.probe} matches both {start.text!r} and {end.text!r}")
         if selected:

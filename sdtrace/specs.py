@@ -28,8 +28,11 @@ class ProbeSpec(namedtuple("ProbeSpec", "text target provider name types")):
     __slots__ = ()
 
     def matches(self, probe):
-        return (fnmatch.fnmatchcase(probe.provider, self.provider)
-                and fnmatch.fnmatchcase(probe.name, self.name))
+        return self.matches_name(probe.provider, probe.name)
+
+    def matches_name(self, provider, name):
+        return (fnmatch.fnmatchcase(provider, self.provider)
+                and fnmatch.fnmatchcase(name, self.name))
 
 
 def parse_spec(text):
