@@ -78,7 +78,7 @@ def main():
         run([sys.executable, "-c", PYELFTOOLS_SCRIPT, *FILES]))))
     rows.append(("python -S -c pass (start-up)", median_seconds(run([sys.executable, "-S", "-c", "pass"]))))
 
-    from sdtrace import notes, operands
+    from sdtrace.discovery import notes, operands
 
     def parse_cold():
         operands.parse_operand.cache_clear()   # no help from an earlier repetition

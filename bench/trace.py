@@ -33,7 +33,7 @@ from conftest import Target, address_of, read_mem, summary_counts  # common put 
 def probe_armed(flood):
     """A test of both halves of flood's probe being armed: the semaphore
     raised and the int3 at the site (read from flood's memory)."""
-    from sdtrace import notes
+    from sdtrace.discovery import notes
 
     [probe] = notes.read_probes(FLOOD)
     semaphore = address_of(flood.pid, FLOOD, probe.semaphore, "rw-p")

@@ -15,8 +15,8 @@ from .errors import SdtraceError
 
 __all__ = ["Event", "Session", "SdtraceError", "read_probes"]
 
-_LAZY = {"Session": ("session", "Session"), "Event": ("events", "Event"),
-         "read_probes": ("notes", "read_probes")}
+_LAZY = {"Session": ("engine.session", "Session"), "Event": ("engine.events", "Event"),
+         "read_probes": ("discovery.notes", "read_probes")}
 
 
 def __getattr__(name):

@@ -139,7 +139,7 @@ def build_parser():
 
 def listed_probes(args):
     """The probe sites `sdtrace list` shows, each once, in order."""
-    from .specs import context_objects, parse_spec, select_probes
+    from .discovery.specs import context_objects, parse_spec, select_probes
 
     specs = [parse_spec(text) for text in args.specs]
     command = None
@@ -160,7 +160,7 @@ def warn(message):
 
 
 def run_list(args):
-    from . import output
+    from .present import output
 
     probes = listed_probes(args)
     for probe in probes:
@@ -178,8 +178,8 @@ def run_list(args):
 def run_trace(args):
     import collections
 
-    from . import output
-    from .session import Session
+    from .engine.session import Session
+    from .present import output
 
     stop = _StopFlag()
     session = Session(args.specs, pid=args.pid, command=args.command,
@@ -188,7 +188,7 @@ def run_trace(args):
     writer = output.EventWriter(args.json)
     timeline = None
     if args.perfetto is not None:
-        from .perfetto import TraceTimeline
+        from .present.perfetto import TraceTimeline
 
         timeline = TraceTimeline(args.perfetto, session, writer)
     counts = collections.Counter()
@@ -258,8 +258,8 @@ def _aggregate(args, specs, plan, interval=None, on_interval=None, on_pair=None)
     """
     import time
 
-    from . import aggregate, output
-    from .session import Session
+    from .engine.session import Session
+    from .present import aggregate, output
 
     stop = _StopFlag()
     session = Session(specs, pid=args.pid, command=args.command,
@@ -282,7 +282,7 @@ def _aggregate(args, specs, plan, interval=None, on_interval=None, on_pair=None)
 
 
 def run_count(args):
-    from . import aggregate, report
+    from .present import aggregate, report
 
     plan = aggregate.Count(aggregate.parse_keys(args.by))
     previous = []
@@ -305,7 +305,7 @@ def run_count(args):
 
 
 def run_hist(args):
-    from . import aggregate, report
+    from .present import aggregate, report
 
     plan = aggregate.Histogram(
         aggregate.parse_key(args.arg),
@@ -322,8 +322,9 @@ def run_hist(args):
 def run_latency(args):
     import json
 
-    from . import aggregate, events, report
-    from .specs import parse_spec
+    from .discovery.specs import parse_spec
+    from .engine import events
+    from .present import aggregate, report
 
     plan = aggregate.Latency(
         parse_spec(args.start), parse_spec(args.end),
@@ -332,7 +333,7 @@ def run_latency(args):
         aggregate.parse_linear(args.linear) if args.linear else None)
     timeline = on_pair = None
     if args.perfetto is not None:
-        from .perfetto import TimelineWriter
+        from .present.perfetto import TimelineWriter
 
         timeline = TimelineWriter(args.perfetto)
         on_pair = lambda start, end, label: timeline.slice(  # noqa: E731
@@ -353,7 +354,8 @@ def run_latency(args):
 
 
 def run_cleanup(_args):
-    from . import guardian, tracefs
+    from .kernel import tracefs
+    from .semaphores import guardian
 
     removed = tracefs.remove_stale()
     for group in removed:
@@ -367,15 +369,16 @@ def run_cleanup(_args):
 def run_semaphores(args):
     import json
 
-    from . import audit
-    from .specs import parse_spec
+    from .discovery.specs import parse_spec
+    from .present import output
+    from .semaphores import audit
 
     specs = [parse_spec(text) for text in args.specs]
     states = audit.audit(args.pid, specs, warn=warn)
     if args.json:
-        sys.stdout.write("".join(json.dumps(audit.state_record(state)) + "\n" for state in states))
+        sys.stdout.write("".join(json.dumps(output.semaphore_state_record(state)) + "\n" for state in states))
     elif states:
-        sys.stdout.write(audit.state_table(states) + "\n")
+        sys.stdout.write(output.semaphore_state_table(states) + "\n")
     return 0
 
 

@@ -3,9 +3,11 @@ import json
 import os
 import subprocess
 
-from conftest import LIBPYTHON, SYSTEM_PYTHON as PYTHON, Target, sdtrace
-from sdtrace import notes
+from conftest import LIBPYTHON
+from conftest import SYSTEM_PYTHON as PYTHON
+from conftest import Target, sdtrace
 
+from sdtrace.discovery import notes
 
 
 def assert_one_line_error(result, *words):

@@ -13,13 +13,15 @@ import platform
 import time
 
 import pytest
-
 from conftest import Target
-from sdtrace import events, output, perf, tracefs
-from sdtrace.errors import SdtraceError
-from sdtrace.fetchargs import ArgumentPlan
-from sdtrace.session import Session
 from test_tracefs import add_demo_hit, group, program  # noqa: F401
+
+from sdtrace.engine import events
+from sdtrace.engine.fetchargs import ArgumentPlan
+from sdtrace.engine.session import Session
+from sdtrace.errors import SdtraceError
+from sdtrace.kernel import perf, tracefs
+from sdtrace.present import output
 
 pytestmark = pytest.mark.skipif(platform.machine() != "x86_64",
                                 reason="the fixtures' fetch arguments are x86-64's")

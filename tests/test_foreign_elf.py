@@ -36,10 +36,10 @@ import tempfile
 from collections import namedtuple
 
 import pytest
-
 from conftest import BUILD_DIR, FIXTURES_DIR, SET_UP_HINT, readelf, readelf_notes, readelf_segments
-from sdtrace import notes
-from sdtrace.operands import IMMEDIATE, MEMORY, REGISTER, SIB, UNPARSED
+
+from sdtrace.discovery import notes
+from sdtrace.discovery.operands import IMMEDIATE, MEMORY, REGISTER, SIB, UNPARSED
 
 SOURCE_DIR = os.path.join(FIXTURES_DIR, "foreign")
 FOREIGN_BUILD_DIR = os.path.join(BUILD_DIR, "foreign")

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sdtrace import notes
-from sdtrace.elf import ElfError, ElfFile
+from sdtrace.discovery import notes
+from sdtrace.discovery.elf import ElfError, ElfFile
 from sdtrace.errors import SdtraceError
 
 FUZZ = settings(max_examples=300, deadline=None,

@@ -8,10 +8,9 @@ import os
 import re
 
 import pytest
-
 from conftest import POSTGRES_BIN, REAL_SDT_BINARIES, readelf, readelf_segments
-from sdtrace import notes, operands
 
+from sdtrace.discovery import notes, operands
 
 NOTE = re.compile(
     r"Provider: (?P<provider>\S+)\s+Name: (?P<name>\S+)\s+"

@@ -10,12 +10,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sdtrace.operands import (IMMEDIATE, MEMORY, REGISTER, RIP, SIB, UNPARSED, VECTOR, Operand,
-                              describe, parse_arguments, parse_operand)
+from sdtrace.discovery.operands import (IMMEDIATE, MEMORY, REGISTER, RIP, SIB, UNPARSED, VECTOR,
+                                        Operand, describe, parse_arguments, parse_operand)
 
 MACHINES = ("x86_64", "i386", "aarch64", "arm", "ppc64", "s390x", "riscv64")
 KINDS = {REGISTER, MEMORY, SIB, RIP, IMMEDIATE, VECTOR, UNPARSED}
-from conftest import REAL_SDT_BINARIES as REAL_BINARIES, readelf_notes
+from conftest import REAL_SDT_BINARIES as REAL_BINARIES
+from conftest import readelf_notes
 
 
 def op(spec, size, signed, kind, is_float=False, **fields):

@@ -14,11 +14,11 @@ import sys
 import time
 
 import pytest
-
 from conftest import Target, address_of, read_mem
-from sdtrace import perf, tracefs
-from sdtrace.errors import SdtraceError
 from test_tracefs import REPOSITORY, add_demo_hit, definitions_of, group, program  # noqa: F401
+
+from sdtrace.errors import SdtraceError
+from sdtrace.kernel import perf, tracefs
 
 pytestmark = pytest.mark.skipif(platform.machine() != "x86_64",
                                 reason="the fetch arguments use x86-64 registers")
@@ -246,7 +246,7 @@ def test_remove_group_while_open_is_busy(program, group, hit_event):
 
 def test_remove_stale_leaves_a_stale_group_that_is_still_open(program):
     dead_owner = subprocess.run([sys.executable, "-c",
-                                 "from sdtrace import tracefs; print(tracefs.new_group())"],
+                                 "from sdtrace.kernel import tracefs; print(tracefs.new_group())"],
                                 capture_output=True, text=True, check=True).stdout.strip()
     try:
         add_demo_hit(program, dead_owner)
@@ -261,7 +261,7 @@ def test_remove_stale_leaves_a_stale_group_that_is_still_open(program):
 
 TRACER = """
 import sys
-from sdtrace import perf, tracefs
+from sdtrace.kernel import perf, tracefs
 group = tracefs.new_group()
 tracefs.add_uprobe(group, "hit", {path!r}, {site}, {semaphore}, {fetchargs!r})
 rings = perf.RingSet()
@@ -342,7 +342,7 @@ def test_unknown_event_id_is_an_sdtrace_error():
 
 def test_unprivileged_open_names_root_and_paranoid(program, hit_event):
     event_id, _ = hit_event
-    code = ("from sdtrace import perf\n"
+    code = ("from sdtrace.kernel import perf\n"
             "try:\n"
             f"    perf.open_tracepoint({event_id})\n"
             "except Exception as error:\n"

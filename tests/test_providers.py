@@ -10,9 +10,12 @@ import json
 import os
 
 import pytest
+from conftest import REAL_SDT_BINARIES
+from conftest import SYSTEM_PYTHON as PYTHON
+from conftest import readelf_notes, sdtrace
 
-from conftest import REAL_SDT_BINARIES, SYSTEM_PYTHON as PYTHON, readelf_notes, sdtrace
-from sdtrace import notes, providers
+from sdtrace.discovery import notes, providers
+from sdtrace.engine import fetchargs
 
 SCRIPT = """
 def greet(name):
@@ -57,11 +60,11 @@ def test_another_argument_count_is_left_alone():
 @pytest.mark.skipif(not os.path.exists(PYTHON), reason="Debian's python3.11 is not installed")
 def test_default_string_types_yield_to_explicit_ones():
     [entry] = [probe for probe in notes.read_probes(PYTHON) if probe.name == "function__entry"]
-    assert providers.argument_types(entry) == ("str", "str", None)
-    assert providers.argument_types(entry, ("u64",)) == ("u64", "str", None)
-    assert providers.argument_types(entry, (None, None, "s64")) == ("str", "str", "s64")
+    assert fetchargs.argument_types(entry) == ("str", "str", None)
+    assert fetchargs.argument_types(entry, ("u64",)) == ("u64", "str", None)
+    assert fetchargs.argument_types(entry, (None, None, "s64")) == ("str", "str", "s64")
     too_many = ("str",) * 4           # left for fetchargs to refuse, naming the counts
-    assert providers.argument_types(entry, too_many) == too_many
+    assert fetchargs.argument_types(entry, too_many) == too_many
 
 
 @pytest.mark.skipif(not os.path.exists(PYTHON), reason="Debian's python3.11 is not installed")

@@ -1,4 +1,4 @@
-"""The user-space semaphore manager (sdtrace.refcount) on real processes.
+"""The user-space semaphore manager (sdtrace.semaphores.manager) on real processes.
 
 Every counter is read back from the process itself: through /proc/PID/mem at
 the address /proc/PID/maps gives (conftest.address_of) and through the
@@ -20,12 +20,14 @@ import threading
 import time
 
 import pytest
-
 from conftest import Target, address_of, file_offset, maps, read_mem, readelf_notes, write_mem
-from sdtrace import guardian, notes
+
+from sdtrace.discovery import notes
 from sdtrace.errors import SdtraceError
-from sdtrace.procfs import read_starttime
-from sdtrace.refcount import RUN_DIR, SemaphoreManager
+from sdtrace.kernel.procfs import read_starttime
+from sdtrace.semaphores import guardian
+from sdtrace.semaphores.counters import RUN_DIR
+from sdtrace.semaphores.manager import SemaphoreManager
 
 COUNTER = struct.Struct("<H")
 PROMPTLY = 2.0      # seconds a new mapping may take to be raised
@@ -400,7 +402,7 @@ def test_two_managers_add_up_and_return_to_baseline(library, users, first_to_sto
 
 MANAGER_SCRIPT = """
 import sys, time
-from sdtrace.refcount import SemaphoreManager
+from sdtrace.semaphores.manager import SemaphoreManager
 manager = SemaphoreManager([(sys.argv[1], int(sys.argv[2]))], {int(sys.argv[3])}).start()
 print(manager._guardian.process.pid, manager._guardian.ledger_path, flush=True)
 time.sleep(600)
@@ -492,7 +494,7 @@ def test_processes_that_vanish_are_dropped_silently(library, users):
 WITHOUT_PTRACE = ("--inh-caps=-sys_ptrace", "--bounding-set=-sys_ptrace")
 UNPRIVILEGED_MANAGER_SCRIPT = """
 import sys
-from sdtrace.refcount import SemaphoreManager
+from sdtrace.semaphores.manager import SemaphoreManager
 manager = SemaphoreManager([(sys.argv[1], int(sys.argv[2]))], set(map(int, sys.argv[3:]))).start()
 print(*sorted(holding.pid for holding in manager.holdings()), flush=True)
 sys.stdin.readline()

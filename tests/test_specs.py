@@ -3,8 +3,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sdtrace.discovery.specs import ARGUMENT_TYPES, parse_spec
 from sdtrace.errors import SdtraceError
-from sdtrace.specs import ARGUMENT_TYPES, parse_spec
 
 
 @pytest.mark.parametrize("text, target, provider, name, types", [

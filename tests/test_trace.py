@@ -12,10 +12,11 @@ import subprocess
 import time
 
 import pytest
+from conftest import LIBJVM, POSTGRES_BIN
+from conftest import SYSTEM_PYTHON as PYTHON
+from conftest import Target, address_of, read_mem, sdtrace_command, summary_counts
 
-from conftest import (LIBJVM, POSTGRES_BIN, SYSTEM_PYTHON as PYTHON, Target, address_of,
-                      read_mem, sdtrace_command, summary_counts)
-from sdtrace import notes
+from sdtrace.discovery import notes
 
 TRACING = "sdtrace: tracing"
 

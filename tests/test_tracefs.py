@@ -12,12 +12,12 @@ import sys
 from dataclasses import dataclass
 
 import pytest
-
 from conftest import file_offset, readelf_notes
-from sdtrace import tracefs
-from sdtrace.errors import SdtraceError
 
-REPOSITORY = os.path.dirname(os.path.dirname(os.path.realpath(tracefs.__file__)))
+from sdtrace.errors import SdtraceError
+from sdtrace.kernel import tracefs
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 pytestmark = pytest.mark.skipif(platform.machine() != "x86_64",
                                 reason="the fetch arguments below use x86-64 registers")
 
@@ -147,13 +147,13 @@ def unmounted_tracefs_run(code, user=None):
 
 def test_root_mounts_tracefs_when_missing():
     result = unmounted_tracefs_run(
-        "from sdtrace import tracefs; print(tracefs.root(), tracefs.supports_ref_ctr())")
+        "from sdtrace.kernel import tracefs; print(tracefs.root(), tracefs.supports_ref_ctr())")
     assert result.stdout.split() == ["/sys/kernel/tracing", "True"], result.stderr
 
 
 def test_root_without_permission_says_so():
     result = unmounted_tracefs_run(
-        "from sdtrace import tracefs\n"
+        "from sdtrace.kernel import tracefs\n"
         "try:\n    tracefs.root()\nexcept Exception as error:\n"
         "    print(type(error).__name__, error)", user=65534)
     line = result.stdout.strip()
@@ -181,14 +181,14 @@ def test_new_group_names_the_owner_and_never_repeats():
         assert match and len(name) < 64
         assert (int(match[1]), int(match[2])) == (os.getpid(), own_start_time())
     child = subprocess.run([sys.executable, "-c",
-                            "from sdtrace import tracefs; print(tracefs.new_group())"],
+                            "from sdtrace.kernel import tracefs; print(tracefs.new_group())"],
                            capture_output=True, text=True, check=True).stdout.strip()
     assert child.split("_")[1] != str(os.getpid())
 
 
 def test_remove_stale_removes_dead_and_reused_owners_only(program):
     dead = subprocess.run([sys.executable, "-c",
-                           "from sdtrace import tracefs; print(tracefs.new_group())"],
+                           "from sdtrace.kernel import tracefs; print(tracefs.new_group())"],
                           capture_output=True, text=True, check=True).stdout.strip()
     reused = f"sdtrace_{os.getpid()}_{own_start_time() + 1}_0"   # our PID, another process
     live = tracefs.new_group()

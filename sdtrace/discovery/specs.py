@@ -16,7 +16,7 @@ process (``-p``) or command (``-c``) being traced.
 import fnmatch
 from collections import namedtuple
 
-from .errors import SdtraceError
+from ..errors import SdtraceError
 
 ARGUMENT_TYPES = {"str", "s8", "s16", "s32", "s64", "u8", "u16", "u32", "u64"}
 

@@ -21,15 +21,17 @@ unavailable.
 from collections import namedtuple
 
 from . import operands as ops
-from .elf import ElfError, ElfFile, PF_W
+from .elf import PF_W, ElfError, ElfFile
 
 NT_STAPSDT = 3
 STAPSDT_OWNER = b"stapsdt"
 
 
-class Probe(namedtuple("Probe", "file provider name machine address offset semaphore_address "
-                               "semaphore semaphore_error args operands")):
-    """One probe site.
+class Site(namedtuple("Site", "file provider name machine address offset semaphore_address "
+                             "semaphore semaphore_error args operands")):
+    """One SDT site: a marker of probe `provider:name` at one place in one file.
+
+    A probe (provider:name) may have several sites; sdtrace arms each site.
 
     file               absolute path as opened
     provider, name
@@ -93,7 +95,7 @@ def _probes(elf, path, records):
         semaphore, semaphore_error = _semaphore_offset(elf, semaphore_address)
         if symbols is not None:
             operands = tuple(_resolve_rip(op, symbols) for op in operands)
-        probes.append(Probe(path, provider, name, elf.machine, site, site_offsets[site],
+        probes.append(Site(path, provider, name, elf.machine, site, site_offsets[site],
                             semaphore_address, semaphore, semaphore_error, args, operands))
     return probes
 

@@ -42,8 +42,8 @@ import time
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
-from .errors import SdtraceError
-from .events import ARGS, COMM, PID, SITE, TID, TS   # the fields of a record
+from ..engine.events import ARGS, COMM, PID, SITE, TID, TS  # the fields of a record
+from ..errors import SdtraceError
 
 _RECORD_FIELDS = {"pid": PID, "tid": TID, "comm": COMM, "probe": SITE}
 
@@ -372,7 +372,7 @@ class _KeyReader:
 
 def _argument_index(key, sites, role):
     """The argument position `key` names in every one of `sites`, or SdtraceError."""
-    from .providers import argument_names
+    from ..discovery.providers import argument_names
 
     index = key.argument
     for site in sites:

@@ -1,9 +1,9 @@
 """Crash recovery for user-space semaphores: the guardian process and its ledger.
 
-A session that raised SDT semaphores in other processes (refcount.py) must
+A session that raised SDT semaphores in other processes (manager.py) must
 take its increments back even when it is SIGKILLed.  Two mechanisms do it:
 
-1. **The guardian.**  ``GuardianLink`` starts ``python -m sdtrace.guardian``
+1. **The guardian.**  ``GuardianLink`` starts ``python -m sdtrace.semaphores.guardian``
    in its own session (so a Ctrl-C or a terminal hang-up does not reach it)
    and tells it every change of the session's holdings as a JSON line on a
    pipe: ``{"holding": {...}, "count": N}`` (0 = no longer held).  The
@@ -12,7 +12,7 @@ take its increments back even when it is SIGKILLed.  Two mechanisms do it:
    left behind rather than somebody else's taken.  When the pipe reaches end
    of file without the line ``done``, the session died: the guardian lowers
    everything still held (re-checking each process's start time and mapping
-   first, refcount.revert_holdings) within moments, removes the ledger and
+   first, counters.revert_holdings) within moments, removes the ledger and
    exits.  After ``done`` it only removes the ledger.
 
 2. **The ledger file.**  The guardian keeps what it holds in
@@ -37,9 +37,9 @@ import subprocess
 import sys
 from dataclasses import asdict
 
-from .errors import SdtraceError
-from .procfs import alive, read_starttime
-from .refcount import RUN_DIR, Holding, ensure_run_dir, revert_holdings, warn_to_stderr
+from ..errors import SdtraceError
+from ..kernel.procfs import alive, read_starttime
+from .counters import RUN_DIR, Holding, ensure_run_dir, revert_holdings, warn_to_stderr
 
 LEDGER_PATTERN = "semaphores-*.json"
 DONE = b"done"
@@ -69,13 +69,13 @@ class GuardianLink:
         owner, starttime = os.getpid(), read_starttime(os.getpid())
         self.ledger_path = os.path.join(
             RUN_DIR, f"semaphores-{owner}-{starttime}-{next(_ledger_numbers)}.json")
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         environment = dict(os.environ)
         environment["PYTHONPATH"] = os.pathsep.join(
             filter(None, [package_root, environment.get("PYTHONPATH")]))
         try:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "sdtrace.guardian", self.ledger_path, str(owner),
+                [sys.executable, "-m", "sdtrace.semaphores.guardian", self.ledger_path, str(owner),
                  str(starttime)],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
                 cwd="/", env=environment)

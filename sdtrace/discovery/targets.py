@@ -18,8 +18,8 @@ import functools
 import os
 import struct
 
+from ..errors import SdtraceError
 from .elf import DT_NEEDED, DT_RPATH, DT_RUNPATH, ELF_MAGIC, ElfError, ElfFile
-from .errors import SdtraceError
 
 LD_SO_CACHE = "/etc/ld.so.cache"
 CACHE_MAGIC = b"glibc-ld.so.cache1.1"
@@ -114,7 +114,7 @@ def _cstring(blob, offset):
 
 def process_objects(pid):
     """The distinct ELF files mapped by process `pid`, as paths the tracer can open."""
-    from .procfs import ProcessGone, mapped_files, read_maps
+    from ..kernel.procfs import ProcessGone, mapped_files, read_maps
 
     try:
         mappings = read_maps(pid)   # unreadable: ProcessDenied, an SdtraceError

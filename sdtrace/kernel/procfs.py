@@ -23,7 +23,7 @@ read; an SdtraceError naming the file, suggesting root to non-root users).
 import os
 from typing import NamedTuple, Tuple
 
-from .errors import SdtraceError
+from ..errors import SdtraceError
 
 PARENT_FIELD = 4                     # /proc/PID/stat fields (1-based)
 STARTTIME_FIELD = 22

@@ -10,7 +10,7 @@ through /proc/PID/map_files when the path no longer names the mapped file.
 For each semaphore of a mapped file:
 
 * its address is where the writable private VMA holding the semaphore's
-  file offset puts it (refcount.counter_addresses: the RELRO part and the
+  file offset puts it (procmem.counter_addresses: the RELRO part and the
   end of the text can map the same file page read-only);
 * its value is the 16-bit counter read from /proc/PID/mem;
 * it is *armed* when a site of a probe using it carries the int3 byte
@@ -20,13 +20,14 @@ For each semaphore of a mapped file:
   guarded by it run for nobody, which is the state a crashed tracer leaves.
 
 A process that unloads a library between our reading its maps and its memory
-(the read faults: refcount.MappingGone) is read once more, then skipped.
+(the read faults: procmem.MappingGone) is read once more, then skipped.
 """
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-from . import procfs, refcount
-from .errors import SdtraceError
+from ..errors import SdtraceError
+from ..kernel import procfs, procmem
+from .counters import warn_to_stderr
 
 INT3 = 0xcc
 READ_ATTEMPTS = 2      # per process, when a mapping vanishes while it is read
@@ -50,13 +51,13 @@ class SemaphoreState:
         return f"{self.provider}:{self.name}"
 
 
-def audit(pid=None, specs=(), warn=refcount.warn_to_stderr):
+def audit(pid=None, specs=(), warn=warn_to_stderr):
     """[SemaphoreState] for process `pid` (all processes if None), filtered by `specs`.
 
     `specs` are specs.ProbeSpec: provider/name globs and optional targets.
     A single process that cannot be read is an SdtraceError; in a scan of
     all processes the unreadable ones are counted in one warning."""
-    from .targets import resolve_target
+    from ..discovery.targets import resolve_target
 
     targets = set()
     for spec in specs:
@@ -90,7 +91,7 @@ def _audit_process(pid, specs, targets, probes_cache):
     for _attempt in range(READ_ATTEMPTS):
         try:
             return _process_states(pid, specs, targets, probes_cache)
-        except refcount.MappingGone:
+        except procmem.MappingGone:
             continue
     return []
 
@@ -110,7 +111,7 @@ def _process_states(pid, specs, targets, probes_cache):
             files.append((file_id, first.path, byteorder, probes, all_probes))
     if not files:
         return []
-    memory = refcount.ProcessMemory(pid, writable=False)
+    memory = procmem.ProcessMemory(pid, writable=False)
     try:
         comm = procfs.process_name(pid)
         states = []
@@ -129,7 +130,7 @@ def _file_states(memory, mappings, comm, file_id, path, byteorder, probes, all_p
     for (semaphore, provider, name), _probe in sorted(rows.items(), key=lambda item: item[0]):
         armed = any(_site_armed(memory, mappings, file_id, site.offset)
                     for site in all_probes if site.semaphore == semaphore)
-        for address in refcount.counter_addresses(mappings, file_id, semaphore):
+        for address in procmem.counter_addresses(mappings, file_id, semaphore):
             value = memory.read_counter(address, byteorder)
             states.append(SemaphoreState(memory.pid, comm, path, provider, name, semaphore,
                                          address, value, armed, value > 0 and not armed))
@@ -145,8 +146,8 @@ def _semaphore_probes(pid, mapping):
     """([probes with a usable semaphore], byte order) of the file `mapping` maps.
 
     ([], None) when the file is not ELF, has no such probe, or cannot be opened."""
-    from .elf import ElfFile
-    from .notes import read_probes
+    from ..discovery.elf import ElfFile
+    from ..discovery.notes import read_probes
 
     path = _readable_path(pid, mapping)
     if path is None:
@@ -172,19 +173,3 @@ def _readable_path(pid, mapping):
         except OSError:
             continue
     return None
-
-
-def state_record(state):
-    """The JSON object `sdtrace semaphores --json` writes for one semaphore of one process."""
-    return asdict(state)
-
-
-def state_table(states):
-    from .output import table
-
-    rows = [[str(state.pid), state.comm, state.file, state.qualified_name,
-             f"0x{state.semaphore:x}", f"0x{state.address:x}", str(state.value),
-             "yes" if state.armed else "no", "LEAKED" if state.leaked else ""]
-            for state in states]
-    return table(["PID", "COMM", "FILE", "PROBE", "SEMAPHORE", "ADDRESS", "VALUE", "ARMED",
-                  "LEAKED"], rows)

@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence, Tuple
 
-from .errors import SdtraceError
+from ..errors import SdtraceError
 from .libc import libc
 from .procfs import alive, read_starttime
 

@@ -1,6 +1,6 @@
 """Process events: who forked, exec'd or exited, and who is opening a file.
 
-The user-space semaphore manager (refcount.py) must learn of new processes
+The user-space semaphore manager (semaphores/manager.py) must learn of new processes
 and new mappings promptly without polling all of /proc.  Two kernel
 interfaces tell it, both read from non-blocking descriptors that a select()
 loop can wait on:

@@ -5,6 +5,7 @@ People get aligned tables and one line per event; programs get JSON lines
 """
 import functools
 import json
+from dataclasses import asdict
 from json.encoder import encode_basestring_ascii as quote  # a str as a JSON string (in C)
 
 
@@ -25,7 +26,7 @@ def table(header, rows, right=()):
 
 def open_output(path):
     """`path` opened for writing events (block-buffered); SdtraceError if it cannot be."""
-    from .errors import SdtraceError
+    from ..errors import SdtraceError
 
     try:
         return open(path, "w", buffering=1 << 20)
@@ -85,7 +86,7 @@ def _operands_json(operands):
 
 def _argument_names(probe):
     """The documented argument names of a known provider's probe (providers.py), or None."""
-    from .providers import argument_names
+    from ..discovery.providers import argument_names
 
     names = argument_names(probe.qualified_name, len(probe.operands))
     return list(names) if names else None
@@ -96,7 +97,7 @@ def probe_json_lines(probes):
 
 
 def probe_table(probes):
-    from .operands import describe
+    from ..discovery.operands import describe
 
     def operands(probe):
         names = _argument_names(probe) or [""] * len(probe.operands)
@@ -168,8 +169,8 @@ class EventWriter:
         only a str and ints: the cyclic GC untracks such tuples at its first
         pass instead of carrying them through its generations.
         """
-        from .events import VALUE
-        from .providers import argument_names
+        from ..discovery.providers import argument_names
+        from ..engine.events import VALUE
 
         if self.json_lines:
             line, separator, value = _JSON_LINE, ", ", "json_value"
@@ -205,3 +206,20 @@ def summary(counts, lost):
     lines = [f"{count:>10}  {probe}\n" for probe, count in
              sorted(counts.items(), key=lambda item: (-item[1], item[0]))]
     return "".join(lines) + summary_line(sum(counts.values()), lost)
+
+
+# -- semaphore audit ------------------------------------------------------------
+
+def semaphore_state_record(state):
+    """The JSON object `sdtrace semaphores --json` writes for one semaphore of one process."""
+    return asdict(state)
+
+
+def semaphore_state_table(states):
+    """The table `sdtrace semaphores` prints: one row per semaphore of a process (audit.py)."""
+    rows = [[str(state.pid), state.comm, state.file, state.qualified_name,
+             f"0x{state.semaphore:x}", f"0x{state.address:x}", str(state.value),
+             "yes" if state.armed else "no", "LEAKED" if state.leaked else ""]
+            for state in states]
+    return table(["PID", "COMM", "FILE", "PROBE", "SEMAPHORE", "ADDRESS", "VALUE", "ARMED",
+                  "LEAKED"], rows)

@@ -23,8 +23,9 @@ import struct
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from . import operands as ops
-from .errors import SdtraceError
+from ..discovery import operands as ops
+from ..discovery import providers
+from ..errors import SdtraceError
 
 # Canonical register names (operands.py) -> the kernel's pt_regs names, per machine.
 _X86_64_REGISTERS = {name: name[1:] for name in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi",
@@ -117,6 +118,28 @@ def plan_argument(operand, probe, wanted_type=None):
         return ArgumentPlan(fetch=f"{location}:b8@{operand.bit_offset}/64",
                             convert=_signed_byte if operand.signed else None)
     return ArgumentPlan(fetch=f"{location}:{_integer_type(operand.size, operand.signed)}")
+
+
+def argument_types(probe, explicit_types=()):
+    """The per-argument types to read `probe` (a notes.Site) with.
+
+    A spec's explicit types win; where it gives none (or an empty entry), a
+    documented string argument is read as ``str`` if its operand is
+    pointer-sized and the kernel can fetch through it.
+    """
+    arguments = providers.lookup(probe.provider, probe.name, len(probe.operands))
+    if arguments is None or len(explicit_types) > len(probe.operands):
+        return explicit_types
+    pointer_size = ops.WORD_SIZES.get(probe.machine)     # bytes in a pointer
+    types = []
+    for index, (operand, documented) in enumerate(zip(probe.operands, arguments.types)):
+        wanted = explicit_types[index] if index < len(explicit_types) else None
+        if (wanted is None and documented == providers.STRING and operand.size == pointer_size
+                and not operand.is_float
+                and plan_argument(operand, probe, providers.STRING).unavailable is None):
+            wanted = providers.STRING
+        types.append(wanted)
+    return tuple(types)
 
 
 def plan_probe(probe, types=()):

@@ -23,7 +23,7 @@ import os
 import struct
 from collections import namedtuple
 
-from .errors import SdtraceError
+from ..errors import SdtraceError
 
 ELF_MAGIC = b"\x7fELF"
 ELFCLASS32, ELFCLASS64 = 1, 2

@@ -24,7 +24,7 @@ the command's first instruction; see command.py).
 
 Semaphores are counted by the kernel (``semaphores="kernel"``: ref_ctr, as
 above) or by sdtrace itself (``"user"``: the uprobes are defined without
-ref_ctr and refcount.SemaphoreManager raises each counter once per process
+ref_ctr and semaphores.manager.SemaphoreManager raises each counter once per process
 through /proc/PID/mem; a command is then held by ptrace at exec and at each
 library load so the counters are raised before it can test them).  ``"auto"``
 takes the kernel when it supports ref_ctr_offset.
@@ -34,8 +34,10 @@ import re
 import shlex
 import time
 
-from . import events, fetchargs, perf, providers, specs, tracefs
-from .errors import SdtraceError
+from ..discovery import specs
+from ..errors import SdtraceError
+from ..kernel import perf, tracefs
+from . import events, fetchargs
 
 
 class Session:
@@ -66,7 +68,7 @@ class Session:
         self.received = 0        # samples read from the rings
         self.child = None        # pid of the command
         self._command = None     # its command.Command
-        self._manager = None     # refcount.SemaphoreManager, in user mode
+        self._manager = None     # semaphores.manager.SemaphoreManager, in user mode
         self._group = None
         self._rings = None
         self._decoder = events.Decoder()
@@ -97,14 +99,15 @@ class Session:
             self._command = Command(self.command, on_load=self._raise_in if user_mode else None)
             self.child = self._command.start()
         if user_mode:
-            from . import guardian, procfs, refcount
+            from ..kernel import procfs
+            from ..semaphores import guardian, manager
 
             guardian.revert_dead_ledgers()
             if self.child is not None:
                 scope = lambda pid: procfs.descends_from(pid, self.child)  # noqa: E731
             else:
                 scope = None if self.pid is None else {self.pid}
-            self._manager = refcount.SemaphoreManager.for_probes(
+            self._manager = manager.SemaphoreManager.for_probes(
                 [probe for probe, _spec in selected], scope=scope)
         self._define(selected)
         self._arm()
@@ -133,7 +136,7 @@ class Session:
         definitions = []
         self._group = tracefs.new_group()
         for index, (probe, spec) in enumerate(selected):
-            plans = fetchargs.plan_probe(probe, providers.argument_types(probe, spec.types))
+            plans = fetchargs.plan_probe(probe, fetchargs.argument_types(probe, spec.types))
             for argument, plan in enumerate(plans):
                 if plan.unavailable:
                     self.warnings.append(f"{probe.file}: {probe.qualified_name}: argument "

@@ -27,8 +27,8 @@ matched key.
 """
 import json
 
+from ..engine.events import ARGS, COMM, PID, SITE, TID, TS
 from .aggregate import Pairer, TimeOrder
-from .events import ARGS, COMM, PID, SITE, TID, TS
 from .output import finite, open_output, quote
 
 # (START suffix, END suffix) in order of preference
@@ -59,7 +59,7 @@ class TimelineWriter:
         site = record[SITE]
         known = self.sites.get(site)
         if known is None:
-            from .providers import argument_names
+            from ..discovery.providers import argument_names
 
             argument_count = len(record[ARGS])
             names = (argument_names(site.probe, argument_count)
@@ -159,7 +159,7 @@ class TraceTimeline:
     def __init__(self, path, session, writer):
         import functools
 
-        from .events import TEXT_CACHE_ENTRIES
+        from ..engine.events import TEXT_CACHE_ENTRIES
 
         self.session = session
         self.writer = writer
@@ -175,7 +175,7 @@ class TraceTimeline:
 
     def item(self, site, arguments):
         """... and the writer formats them itself: strings as values, comm through its comm_text."""
-        from .events import RECORDS, TEXT, VALUE
+        from ..engine.events import RECORDS, TEXT, VALUE
 
         text, names = self.writer.item(site, [(VALUE if kind == TEXT else kind, expression)
                                               for kind, expression in arguments],
@@ -205,7 +205,7 @@ class TraceTimeline:
         site = start[SITE]
         known = self.spans.get(site)
         if known is None:
-            from .providers import span_label
+            from ..discovery.providers import span_label
 
             known = self.spans[site] = (span_label(site.probe, len(start[ARGS])),
                                         span_name(site.probe))

@@ -5,7 +5,7 @@ session opens its events on the child's PID with enable-on-exec; then it is
 released.  That is all the kernel's ref_ctr needs: it raises the semaphores
 as the new image and its libraries are mapped.
 
-User-space semaphores (refcount.py) need more: the counters must be raised
+User-space semaphores (semaphores/) need more: the counters must be raised
 before the command runs any code that could test them, including library
 constructors and libraries loaded later with dlopen.  So the command is run
 under ptrace, and stopped:
@@ -39,8 +39,8 @@ import signal
 import struct
 import threading
 
-from .errors import SdtraceError
-from .libc import checked, libc, machine
+from ..errors import SdtraceError
+from ..kernel.libc import checked, libc, machine
 
 PTRACE_TRACEME, PTRACE_CONT, PTRACE_GETREGS, PTRACE_SETREGS = 0, 7, 12, 13
 PTRACE_DETACH, PTRACE_SETOPTIONS, PTRACE_GETEVENTMSG = 17, 0x4200, 0x4201
@@ -285,8 +285,9 @@ class _Tracer:
 
 def _loader_hook(pid):
     """The run-time address of the loader's _dl_debug_state in process `pid`, or None."""
-    from .elf import ElfError, ElfFile
-    from .procfs import ProcessDenied, ProcessGone, file_identity, mapped_addresses, read_maps
+    from ..discovery.elf import ElfError, ElfFile
+    from ..kernel.procfs import (ProcessDenied, ProcessGone, file_identity, mapped_addresses,
+                                 read_maps)
 
     try:
         executable = os.readlink(f"/proc/{pid}/exe")

@@ -47,7 +47,7 @@ from collections import deque
 from operator import itemgetter
 from typing import Callable, Iterable, List, Mapping, Optional, Tuple
 
-from .errors import SdtraceError
+from ..errors import SdtraceError
 from .libc import libc, machine, syscall_number
 
 PERF_TYPE_TRACEPOINT = 2

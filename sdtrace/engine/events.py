@@ -52,8 +52,8 @@ object the Python API hands out.
 import struct
 from dataclasses import dataclass
 
-from . import perf
-from .errors import SdtraceError
+from ..errors import SdtraceError
+from ..kernel import perf
 
 COMM_FETCH = "comm=$comm:string"
 INT, TEXT, VALUE = "int", "text", "value"      # argument kinds, for emitters

@@ -13,9 +13,10 @@ note has exactly the documented number of arguments (probe definitions change
 between releases; a different count means another version, and is left
 alone rather than guessed at):
 
-* ``argument_types`` -- a ``str`` argument is read as a string by default,
-  but only where the operand is pointer-sized and fetchable; the types a spec
-  gives explicitly win (``python:function__entry(u64)`` keeps the pointer);
+* ``fetchargs.argument_types`` -- a ``str`` argument is read as a string by
+  default, but only where the operand is pointer-sized and fetchable; the
+  types a spec gives explicitly win (``python:function__entry(u64)`` keeps
+  the pointer);
 * ``argument_names`` -- events and listings show the names next to the values.
 
 Strings that are *not* NUL-terminated keep their integer type: HotSpot passes
@@ -266,28 +267,3 @@ def span_label(qualified_name, argument_count):
     if names is None or label is None:
         return ()
     return tuple(names.index(word) for word in label.split())
-
-
-def argument_types(probe, explicit_types=()):
-    """The per-argument types to read `probe` (a notes.Probe) with.
-
-    A spec's explicit types win; where it gives none (or an empty entry), a
-    documented string argument is read as ``str`` if its operand is
-    pointer-sized and the kernel can fetch through it.
-    """
-    arguments = lookup(probe.provider, probe.name, len(probe.operands))
-    if arguments is None or len(explicit_types) > len(probe.operands):
-        return explicit_types
-    from .fetchargs import plan_argument
-    from .operands import WORD_SIZES
-
-    pointer_size = WORD_SIZES.get(probe.machine)     # bytes in a pointer
-    types = []
-    for index, (operand, documented) in enumerate(zip(probe.operands, arguments.types)):
-        wanted = explicit_types[index] if index < len(explicit_types) else None
-        if (wanted is None and documented == STRING and operand.size == pointer_size
-                and not operand.is_float
-                and plan_argument(operand, probe, STRING).unavailable is None):
-            wanted = STRING
-        types.append(wanted)
-    return tuple(types)

@@ -1,0 +1,101 @@
+"""One process's memory through /proc/PID/mem: reading and writing its bytes, safely.
+
+``ProcessMemory`` opens /proc/PID/mem once and checks the process's start
+time, so a reused PID is never taken for the old process; the descriptor
+keeps addressing the memory it was opened on, so after an exec (or exit) I/O
+through it fails (``ProcessGone``) instead of reaching the new image.  An
+address that was unmapped between reading the maps and touching the memory
+raises ``MappingGone``.  ``counter_addresses`` says where a file's counter
+lives: only a writable private VMA holds the live value, since the loader
+maps the same file page read-only too (RELRO, the end of the text).
+
+The semaphore layers above use these primitives both to write counters (the
+manager) and only to read them (the audit).
+"""
+import errno
+import os
+import time
+
+from .procfs import (ProcessDenied, ProcessGone, alive, mapped_addresses, process_name,
+                     read_starttime)
+
+COUNTER_SIZE = 2           # an SDT semaphore is an unsigned 16-bit counter
+
+
+class MappingGone(Exception):
+    """The process lives but the address is no longer mapped: it unmapped the file
+    (dlclose) between our reading its maps and touching its memory."""
+
+
+# --- where the counter is -----------------------------------------------------
+
+def counter_addresses(mappings, file_id, offset):
+    """Run-time addresses of the counter at file `offset` of file `file_id`, one per copy.
+
+    Only a writable private VMA holds the live counter: the same file page
+    can also be mapped read-only (RELRO, or the end of the text)."""
+    return mapped_addresses(mappings, file_id, offset, "wp")
+
+
+
+class ProcessMemory:
+    """/proc/PID/mem of one process, opened once and checked against its start time.
+
+    The descriptor addresses the memory of the process it was opened on: once
+    that process exec's or exits, I/O through it fails (ProcessGone) rather
+    than reaching a new image or a new process with the same PID."""
+
+    def __init__(self, pid, starttime=None, writable=True):
+        self.pid = pid
+        self.opened_ns = time.monotonic_ns()
+        try:
+            self.fd = os.open(f"/proc/{pid}/mem",
+                              (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
+        except (FileNotFoundError, ProcessLookupError):
+            raise ProcessGone(pid) from None
+        except OSError as error:
+            self._denied(f"cannot open its memory: {error.strerror}")
+        try:
+            self.starttime = read_starttime(pid)
+            if starttime is not None and self.starttime != starttime:
+                raise ProcessGone(pid)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def _denied(self, cause):
+        if not os.path.exists(f"/proc/{self.pid}"):
+            raise ProcessGone(self.pid)
+        raise ProcessDenied(f"process {self.pid} ({process_name(self.pid)}): {cause}")
+
+    def _failed(self, error, what, address):
+        if not alive(self.pid, self.starttime):
+            raise ProcessGone(self.pid)
+        if error.errno in (errno.EIO, errno.EFAULT):
+            raise MappingGone(self.pid)
+        self._denied(f"cannot {what} its memory at 0x{address:x}: {error.strerror}")
+
+    def read(self, address, size):
+        try:
+            data = os.pread(self.fd, size, address)
+        except OSError as error:
+            self._failed(error, "read", address)
+        if len(data) != size:
+            raise ProcessGone(self.pid)   # the memory this descriptor was opened on is gone
+        return data
+
+    def read_counter(self, address, byteorder):
+        return int.from_bytes(self.read(address, COUNTER_SIZE), byteorder)
+
+    def write_counter(self, address, byteorder, value):
+        try:
+            written = os.pwrite(self.fd, value.to_bytes(COUNTER_SIZE, byteorder), address)
+        except OSError as error:
+            self._failed(error, "write", address)
+        if written != COUNTER_SIZE:
+            raise ProcessGone(self.pid)
+
+    def close(self):
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
