@@ -1,0 +1,407 @@
+"""Shared test machinery: the C fixture programs, a driver for them, /proc helpers.
+
+Test modules import what they need from here (`from helpers import Target`);
+tests/conftest.py holds only pytest's fixtures and hooks, and no test module
+imports another.
+
+The fixture programs in tests/fixtures/ are compiled by the test session
+itself, at -O0 and at -O2, into tests/fixtures/build/<opt>/.  A digest of the
+sources and of the recipe below is stored next to the binaries; a session
+rebuilds only when it differs.  Building happens under an flock, so parallel
+sessions (or pytest-xdist workers) build once and never see half-written
+files: binaries are compiled into a scratch directory and renamed into place.
+
+Every program speaks the protocol of tests/fixtures/command_loop.h ("ready
+<pid>", then one command per line, each reply closed by a "done" line); Target
+drives it.  read_mem, write_mem, maps and address_of look at a running
+process through /proc, and readelf_notes, readelf_segments and file_offset
+read ELF facts through readelf: oracles independent of sdtrace.
+"""
+import fcntl
+import hashlib
+import os
+import re
+import select
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import pytest
+
+FIXTURES_DIR = os.path.join(os.path.dirname(os.path.realpath(__file__)), "fixtures")
+BUILD_DIR = os.path.join(FIXTURES_DIR, "build")
+OPT_LEVELS = ("O0", "O2")
+CFLAGS = ("-g", "-std=gnu11", "-Wall", "-Wextra", "-Werror")
+SHARED_LIBRARY = ("-shared", "-fPIC", "-Wl,-z,relro", "-Wl,-z,now")
+# output file -> (sources in FIXTURES_DIR, extra gcc flags); headers are found by #include
+PROGRAMS = {
+    "values": (("values.c", "values_nosem.c", "command_loop.c"), ()),
+    "libsdtsem.so": (("sem_lib.c",), SHARED_LIBRARY),
+    "libsdtctor.so": (("ctor_lib.c",), SHARED_LIBRARY),
+    "semuser": (("sem_user.c", "command_loop.c"), ("-ldl",)),
+    "persite": (("persite_a.c", "persite_b.c", "persite_main.c", "command_loop.c"), ()),
+    "flood": (("flood.c", "command_loop.c"), ()),
+    "nosdt": (("nosdt.c", "command_loop.c"), ()),
+    "workload": (("workload.c", "command_loop.c"), ("-pthread",)),
+}
+SET_UP_HINT = "run the README's test set-up (bash .ci/run)"
+TRACEFS = "/sys/kernel/tracing"
+UPROBE_EVENTS = os.path.join(TRACEFS, "uprobe_events")
+
+
+# --- building the fixture programs ------------------------------------------
+
+def fixtures_digest():
+    """What the binaries are built from: every source and header, and the recipe."""
+    digest = hashlib.sha256(repr((CFLAGS, PROGRAMS)).encode())
+    for name in sorted(os.listdir(FIXTURES_DIR)):
+        if name.endswith((".c", ".h")):
+            with open(os.path.join(FIXTURES_DIR, name), "rb") as source:
+                digest.update(name.encode() + b"\0" + source.read())
+    return digest.hexdigest()
+
+
+def compile_programs(opt, directory):
+    """Compiles every program at `opt` into `directory`, all gcc runs in parallel."""
+    if shutil.which("gcc") is None:
+        pytest.fail(f"cannot build the C test fixtures: gcc is not installed; {SET_UP_HINT}",
+                    pytrace=False)
+    compilers = {
+        output: subprocess.Popen(
+            ["gcc", f"-{opt}", *CFLAGS, "-o", os.path.join(directory, output),
+             *(os.path.join(FIXTURES_DIR, source) for source in sources), *flags],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for output, (sources, flags) in PROGRAMS.items()}
+    results = {output: compiler.communicate()[0] for output, compiler in compilers.items()}
+    for output, messages in results.items():
+        if compilers[output].returncode == 0:
+            continue
+        if "sys/sdt.h" in messages:
+            pytest.fail(f"cannot build the C test fixtures: sys/sdt.h is missing "
+                        f"(package systemtap-sdt-dev); {SET_UP_HINT}", pytrace=False)
+        pytest.fail(f"gcc failed to build fixture {output} at -{opt}:\n{messages}", pytrace=False)
+
+
+def build_fixtures():
+    """Brings BUILD_DIR/<opt>/ up to date for every opt level; safe to race."""
+    os.makedirs(BUILD_DIR, exist_ok=True)
+    digest = fixtures_digest()
+    with open(os.path.join(BUILD_DIR, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for opt in OPT_LEVELS:
+            directory = os.path.join(BUILD_DIR, opt)
+            stamp = os.path.join(directory, ".digest")
+            try:
+                with open(stamp) as stamp_file:
+                    current = stamp_file.read() == digest
+            except FileNotFoundError:
+                current = False
+            if current and all(os.path.exists(os.path.join(directory, output))
+                               for output in PROGRAMS):
+                continue
+            os.makedirs(directory, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=BUILD_DIR) as scratch:
+                compile_programs(opt, scratch)
+                for output in PROGRAMS:
+                    os.replace(os.path.join(scratch, output), os.path.join(directory, output))
+            with open(stamp, "w") as stamp_file:
+                stamp_file.write(digest)
+
+
+class FixturePrograms:
+    """The built fixture programs: .path(name, opt) is an absolute, symlink-free path."""
+
+    def path(self, name, opt="O2"):
+        if name not in PROGRAMS or opt not in OPT_LEVELS:
+            raise ValueError(f"no fixture program {name!r} at {opt!r}")
+        return os.path.join(BUILD_DIR, opt, name)
+
+
+# --- running the command line ----------------------------------------------
+
+SUMMARY = re.compile(r"^sdtrace: (\d+) events, (\d+) lost$")
+
+
+def sdtrace_command(*args):
+    """argv that runs the sdtrace CLI with the interpreter running the tests."""
+    return [sys.executable, "-m", "sdtrace", *args]
+
+
+def sdtrace(*args, stdin=None, timeout=180, **options):
+    """Runs the sdtrace CLI to its end; a CompletedProcess with text output."""
+    return subprocess.run(sdtrace_command(*args), input=stdin, capture_output=True, text=True,
+                          timeout=timeout, **options)
+
+
+def summary_counts(stderr):
+    """(events, lost) from the summary's last line, which scripts rely on."""
+    match = SUMMARY.match(stderr.strip().splitlines()[-1])
+    assert match, stderr
+    return int(match[1]), int(match[2])
+
+
+# --- driving a fixture program ----------------------------------------------
+
+class Reply(list):
+    """The lines a command printed before its closing "done" line.
+
+    `done` is the rest of that closing line: "" normally, the elapsed
+    nanoseconds for flood's "fire N".
+    """
+    done = ""
+
+
+class Target:
+    """A running fixture program, driven over the protocol of command_loop.h.
+
+        with Target(fixtures.path("semuser"), fixtures.path("libsdtsem.so")) as target:
+            target.send("load")
+            assert target.send("fire 3") == ["enabled 0"]
+
+    send() fails the test on a reply line starting with "error", on a timeout
+    and when the program exits.  stop() (and leaving the with block) closes
+    stdin, gives the program a moment to exit, and kills it otherwise.
+    """
+
+    def __init__(self, path, *args, timeout=30.0):
+        self.argv = [path, *args]
+        self.timeout = timeout
+        self.process = None
+        self.pid = None
+        self._unread = b""
+
+    def start(self):
+        self.process = subprocess.Popen(self.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        text=True, bufsize=1)
+        try:
+            words = self._read_line(self.timeout).split()
+            assert words[:1] == ["ready"] and len(words) == 2, f"{self.argv[0]} said {words}"
+            self.pid = int(words[1])
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def send(self, command, timeout=None):
+        """Sends one command; returns its Reply once the closing "done" line arrives."""
+        try:
+            self.process.stdin.write(command + "\n")
+            self.process.stdin.flush()
+        except BrokenPipeError:
+            raise AssertionError(f"{self.argv[0]} exited (status {self.process.wait()}) "
+                                 f"before {command!r}") from None
+        reply = Reply()
+        while True:
+            line = self._read_line(self.timeout if timeout is None else timeout)
+            if line.split(" ", 1)[0] == "done":
+                reply.done = line[len("done"):].strip()
+                break
+            reply.append(line)
+        errors = [line for line in reply if line.startswith("error")]
+        assert not errors, f"{os.path.basename(self.argv[0])} {command!r}: {errors[0]}"
+        return reply
+
+    def _read_line(self, timeout):
+        """One line of output, read straight from the pipe so that select() sees all of it."""
+        deadline = time.monotonic() + timeout
+        descriptor = self.process.stdout.fileno()
+        while b"\n" not in self._unread:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([descriptor], [], [], remaining)[0]:
+                raise AssertionError(f"{self.argv[0]} did not answer within {timeout}s")
+            chunk = os.read(descriptor, 65536)
+            if not chunk:
+                raise AssertionError(
+                    f"{self.argv[0]} exited (status {self.process.wait()}) instead of answering")
+            self._unread += chunk
+        line, _, self._unread = self._unread.partition(b"\n")
+        return line.decode()
+
+    def stop(self):
+        """Ends the program; returns its exit status (negative: killed by that signal)."""
+        if self.process is None:
+            return None
+        try:
+            self.process.stdin.close()
+            self.process.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.wait()
+            self.process.stdout.close()
+        return self.process.returncode
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+
+# --- looking at a process through /proc -------------------------------------
+
+@dataclass(frozen=True)
+class Mapping:
+    """One line of /proc/PID/maps."""
+    start: int
+    end: int
+    perms: str      # e.g. "r-xp"
+    offset: int     # file offset mapped at `start`
+    inode: int
+    path: str       # "" for anonymous memory
+
+    def holds_file_offset(self, file_offset):
+        return self.offset <= file_offset < self.offset + (self.end - self.start)
+
+
+def maps(pid):
+    mappings = []
+    with open(f"/proc/{pid}/maps") as maps_file:
+        for line in maps_file:
+            fields = line.split(maxsplit=5)
+            start, end = fields[0].split("-")
+            mappings.append(Mapping(int(start, 16), int(end, 16), fields[1], int(fields[2], 16),
+                                    int(fields[4]), fields[5].strip() if len(fields) > 5 else ""))
+    return mappings
+
+
+def address_of(pid, path, file_offset, perms=None):
+    """The run-time address of `file_offset` of the file `path` in process `pid`.
+
+    A file offset can be mapped twice (RELRO remaps part of a page read-only
+    right after the read-only segment), so an ambiguous answer is refused:
+    pass `perms` (e.g. "rw-p") to pick the mapping.  LookupError if none fits.
+    """
+    real_path = os.path.realpath(path)
+    candidates = [mapping for mapping in maps(pid)
+                  if mapping.path == real_path and mapping.holds_file_offset(file_offset)
+                  and perms in (None, mapping.perms)]
+    if len(candidates) != 1:
+        raise LookupError(f"{len(candidates)} mappings of {real_path} in process {pid} hold file "
+                          f"offset {file_offset:#x}{f' with {perms}' if perms else ''}: {candidates}")
+    [mapping] = candidates
+    return mapping.start + file_offset - mapping.offset
+
+
+def read_mem(pid, address, size):
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as memory:
+        memory.seek(address)
+        return memory.read(size)
+
+
+def write_mem(pid, address, data):
+    """Pokes `data` into process `pid`, e.g. to set a semaphore the way a tracer would."""
+    with open(f"/proc/{pid}/mem", "r+b", buffering=0) as memory:
+        memory.seek(address)
+        memory.write(data)
+
+
+# --- an oracle for ELF facts: readelf, independent of sdtrace ---------------
+
+# The machine's real SDT-enabled binaries; a test skips one that is not installed.
+SYSTEM_PYTHON = "/usr/bin/python3.11"      # Debian's build, with SDT markers
+LIBPYTHON = "/usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0"
+POSTGRES_BIN = "/usr/lib/postgresql/15/bin"
+LIBJVM = "/usr/lib/jvm/java-17-openjdk-amd64/lib/server/libjvm.so"
+REAL_SDT_BINARIES = (SYSTEM_PYTHON, LIBPYTHON, f"{POSTGRES_BIN}/postgres", LIBJVM,
+                     "/usr/lib/x86_64-linux-gnu/libstdc++.so.6")
+
+NOTE = re.compile(r"Provider: (\S+)\s+Name: (\S+)\s+Location: (0x[0-9a-f]+), Base: 0x[0-9a-f]+, "
+                  r"Semaphore: (0x[0-9a-f]+)\s+Arguments:([^\n]*)")
+PROGRAM_HEADER = re.compile(r"^\s*([A-Z_]+)\s+(0x[0-9a-f]+)\s+(0x[0-9a-f]+)\s+0x[0-9a-f]+\s+"
+                            r"(0x[0-9a-f]+)\s+(0x[0-9a-f]+)\s+([RWE ]+?)\s+0x[0-9a-f]+$", re.M)
+
+
+@dataclass(frozen=True)
+class Note:
+    """One stapsdt note as readelf -n prints it."""
+    provider: str
+    name: str
+    location: int   # link-time address of the probe site
+    semaphore: int  # link-time address of the semaphore, 0 if none
+    args: tuple     # argument specs, e.g. ("-4@%edi", "1@$-127")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One program header as readelf -lW prints it."""
+    type: str       # "LOAD", "GNU_RELRO", ...
+    offset: int
+    vaddr: int
+    filesz: int
+    memsz: int
+    flags: str      # e.g. "RW", "R E"
+
+
+def readelf(*args):
+    return subprocess.run(["readelf", "--wide", *args], check=True, capture_output=True,
+                          text=True).stdout
+
+
+def readelf_notes(path):
+    return [Note(provider, name, int(location, 16), int(semaphore, 16), tuple(args.split()))
+            for provider, name, location, semaphore, args in NOTE.findall(readelf("-n", path))]
+
+
+def readelf_segments(path):
+    return [Segment(kind, int(offset, 16), int(vaddr, 16), int(filesz, 16), int(memsz, 16),
+                    flags.strip())
+            for kind, offset, vaddr, filesz, memsz, flags
+            in PROGRAM_HEADER.findall(readelf("-l", path))]
+
+
+def file_offset(path, address):
+    """The file offset of link-time `address` (which lies in the file part of a PT_LOAD)."""
+    for segment in readelf_segments(path):
+        if segment.type == "LOAD" and segment.vaddr <= address < segment.vaddr + segment.filesz:
+            return address - segment.vaddr + segment.offset
+    raise LookupError(f"{path}: address {address:#x} is in no PT_LOAD's file image")
+
+
+# --- the kernel stays clean -------------------------------------------------
+
+# sdtrace names its groups sdtrace_<owner pid>_<owner start time>_<n> (see sdtrace/tracefs.py)
+SESSION_GROUP = re.compile(r"sdtrace_(\d+)_(\d+)_\d+$")
+STAT_FIELDS_AFTER_COMM = 3   # /proc/PID/stat: fields 1 and 2 are "pid (comm)"
+PPID_FIELD, STARTTIME_FIELD = 4, 22
+
+
+def sdtrace_uprobe_events():
+    """{line: group} for the lines of uprobe_events whose group starts with "sdtrace_"."""
+    try:
+        with open(UPROBE_EVENTS) as events:
+            lines = events.read().splitlines()
+    except OSError:
+        return {}
+    # a line is "p:GROUP/EVENT PATH:OFFSET[(REF_CTR_OFFSET)] ARGS..."
+    groups = {line: line.split(" ", 1)[0].partition(":")[2].partition("/")[0] for line in lines}
+    return {line: group for line, group in groups.items() if group.startswith("sdtrace_")}
+
+
+def held_by_another_session(group):
+    """True if the group's owner is alive and is neither this process nor its child.
+
+    Such a group belongs to a tracer of a concurrent test session (another
+    pytest run, a pytest-xdist peer); one whose owner is gone, or is this
+    process or a tracer it started, is this session's to clean up.
+    """
+    match = SESSION_GROUP.match(group)
+    if not match or int(match[1]) == os.getpid():
+        return False
+    try:
+        with open(f"/proc/{match[1]}/stat") as stat_file:
+            fields = stat_file.read().rpartition(")")[2].split()
+    except OSError:
+        return False
+    return (fields[STARTTIME_FIELD - STAT_FIELDS_AFTER_COMM] == match[2]
+            and int(fields[PPID_FIELD - STAT_FIELDS_AFTER_COMM]) != os.getpid())
+
+
+def mount_tracefs():
+    if os.geteuid() == 0 and not os.path.exists(UPROBE_EVENTS):
+        subprocess.run(["mount", "-t", "tracefs", "nodev", TRACEFS], check=True)
