@@ -17,8 +17,8 @@ import subprocess
 import time
 
 import pytest
-from conftest import SYSTEM_PYTHON as PYTHON
-from conftest import Target, sdtrace, sdtrace_command, summary_counts
+from helpers import SYSTEM_PYTHON as PYTHON
+from helpers import Target, sdtrace, sdtrace_command, summary_counts
 
 CALLS = """
 def tick(x):

@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import TRACEFS, Target, address_of, file_offset, read_mem, readelf_notes, sdtrace
+from helpers import TRACEFS, Target, address_of, file_offset, read_mem, readelf_notes, sdtrace
 from test_refcount import Library, private_copy, semaphore_offsets, set_counter
 
 GROUP = "sdtrace_test_audit"

@@ -3,9 +3,9 @@ import json
 import os
 import subprocess
 
-from conftest import LIBPYTHON
-from conftest import SYSTEM_PYTHON as PYTHON
-from conftest import Target, sdtrace
+from helpers import LIBPYTHON
+from helpers import SYSTEM_PYTHON as PYTHON
+from helpers import Target, sdtrace
 
 from sdtrace.discovery import notes
 

@@ -13,7 +13,7 @@ import platform
 import time
 
 import pytest
-from conftest import Target
+from helpers import Target
 from test_tracefs import add_demo_hit, group, program  # noqa: F401
 
 from sdtrace.engine import events

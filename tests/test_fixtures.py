@@ -12,7 +12,7 @@ import re
 import struct
 
 import pytest
-from conftest import (PROGRAMS, Target, address_of, file_offset, maps, read_mem, readelf,
+from helpers import (PROGRAMS, Target, address_of, file_offset, maps, read_mem, readelf,
                       readelf_notes, readelf_segments, write_mem)
 
 SEMAPHORE = struct.Struct("<H")

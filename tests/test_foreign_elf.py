@@ -3,7 +3,7 @@
 Listing must work on a file of any architecture sdtrace knows, whatever the
 machine it runs on.  The session builds small programs for other machines
 into tests/fixtures/build/foreign/, once (a digest of the sources and of the
-recipe below decides, under a lock, as conftest does for the C fixtures):
+recipe below decides, under a lock, as helpers.py does for the C fixtures):
 
   i386-O0, i386-O2  ELF32 LE  gcc -m32 with sys/sdt.h (operands picked by gcc)
   s390x, s390       ELF64 BE, ELF32 BE  s390x-linux-gnu binutils (-m64, -m31)
@@ -36,7 +36,7 @@ import tempfile
 from collections import namedtuple
 
 import pytest
-from conftest import BUILD_DIR, FIXTURES_DIR, SET_UP_HINT, readelf, readelf_notes, readelf_segments
+from helpers import BUILD_DIR, FIXTURES_DIR, SET_UP_HINT, readelf, readelf_notes, readelf_segments
 
 from sdtrace.discovery import notes
 from sdtrace.discovery.operands import IMMEDIATE, MEMORY, REGISTER, SIB, UNPARSED

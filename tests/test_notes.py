@@ -8,7 +8,7 @@ import os
 import re
 
 import pytest
-from conftest import POSTGRES_BIN, REAL_SDT_BINARIES, readelf, readelf_segments
+from helpers import POSTGRES_BIN, REAL_SDT_BINARIES, readelf, readelf_segments
 
 from sdtrace.discovery import notes, operands
 

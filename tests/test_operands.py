@@ -15,8 +15,8 @@ from sdtrace.discovery.operands import (IMMEDIATE, MEMORY, REGISTER, RIP, SIB, U
 
 MACHINES = ("x86_64", "i386", "aarch64", "arm", "ppc64", "s390x", "riscv64")
 KINDS = {REGISTER, MEMORY, SIB, RIP, IMMEDIATE, VECTOR, UNPARSED}
-from conftest import REAL_SDT_BINARIES as REAL_BINARIES
-from conftest import readelf_notes
+from helpers import REAL_SDT_BINARIES as REAL_BINARIES
+from helpers import readelf_notes
 
 
 def op(spec, size, signed, kind, is_float=False, **fields):

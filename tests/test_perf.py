@@ -14,7 +14,7 @@ import sys
 import time
 
 import pytest
-from conftest import Target, address_of, read_mem
+from helpers import Target, address_of, read_mem
 from test_tracefs import REPOSITORY, add_demo_hit, definitions_of, group, program  # noqa: F401
 
 from sdtrace.errors import SdtraceError

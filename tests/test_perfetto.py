@@ -13,8 +13,8 @@ import json
 import os
 
 import pytest
-from conftest import SYSTEM_PYTHON as PYTHON
-from conftest import sdtrace
+from helpers import SYSTEM_PYTHON as PYTHON
+from helpers import sdtrace
 
 CALLS = """
 def tick(x):

@@ -10,9 +10,9 @@ import json
 import os
 
 import pytest
-from conftest import REAL_SDT_BINARIES
-from conftest import SYSTEM_PYTHON as PYTHON
-from conftest import readelf_notes, sdtrace
+from helpers import REAL_SDT_BINARIES
+from helpers import SYSTEM_PYTHON as PYTHON
+from helpers import readelf_notes, sdtrace
 
 from sdtrace.discovery import notes, providers
 from sdtrace.engine import fetchargs

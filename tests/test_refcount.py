@@ -1,7 +1,7 @@
 """The user-space semaphore manager (sdtrace.semaphores.manager) on real processes.
 
 Every counter is read back from the process itself: through /proc/PID/mem at
-the address /proc/PID/maps gives (conftest.address_of) and through the
+the address /proc/PID/maps gives (helpers.address_of) and through the
 fixture's own "sem" command.  Semaphore offsets come from readelf.  Each test
 works on a private copy of the fixture files, so that uprobes of other test
 sessions on the shared build (the kernel's ref_ctr counts those) never show
@@ -20,7 +20,7 @@ import threading
 import time
 
 import pytest
-from conftest import Target, address_of, file_offset, maps, read_mem, readelf_notes, write_mem
+from helpers import Target, address_of, file_offset, maps, read_mem, readelf_notes, write_mem
 
 from sdtrace.discovery import notes
 from sdtrace.errors import SdtraceError

@@ -17,7 +17,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import Target, sdtrace_command, summary_counts
+from helpers import Target, sdtrace_command, summary_counts
 from test_trace import Tracer, wait_for
 
 MODES = ("kernel", "user")

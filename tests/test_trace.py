@@ -12,9 +12,9 @@ import subprocess
 import time
 
 import pytest
-from conftest import LIBJVM, POSTGRES_BIN
-from conftest import SYSTEM_PYTHON as PYTHON
-from conftest import Target, address_of, read_mem, sdtrace_command, summary_counts
+from helpers import LIBJVM, POSTGRES_BIN
+from helpers import SYSTEM_PYTHON as PYTHON
+from helpers import Target, address_of, read_mem, sdtrace_command, summary_counts
 
 from sdtrace.discovery import notes
 
@@ -121,7 +121,7 @@ def test_semaphore_exactly_one_per_process_with_relro_split(fixtures, tmp_path):
     semaphore = semaphore_of(library, "tick")
     with Target(fixtures.path("semuser"), library) as before:
         before.send("load")
-        file_mappings = [m for m in __import__("conftest").maps(before.pid) if m.path == library]
+        file_mappings = [m for m in __import__("helpers").maps(before.pid) if m.path == library]
         assert len(file_mappings) >= 4 and any(m.perms == "r--p" and m.offset > 0
                                                for m in file_mappings), "no RELRO split"
         tracer = Tracer(tmp_path, f"{library}:semlib:tick")

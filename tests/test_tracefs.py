@@ -1,7 +1,7 @@
 """tracefs.py against the real kernel: definitions, refusals, session groups, formats.
 
 The probe target is a small C program compiled here (SDT_PROGRAM); its site
-and semaphore file offsets come from readelf (conftest's oracle), never from
+and semaphore file offsets come from readelf (the oracle in helpers.py), never from
 sdtrace.  test_perf.py reuses the program and the fixtures defined here.
 """
 import os
@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 
 import pytest
-from conftest import file_offset, readelf_notes
+from helpers import file_offset, readelf_notes
 
 from sdtrace.errors import SdtraceError
 from sdtrace.kernel import tracefs
