@@ -8,7 +8,10 @@ import warnings
 import pytest
 
 from helpers import (OPT_LEVELS, UPROBE_EVENTS, FixturePrograms, build_fixtures,
-                     held_by_another_session, mount_tracefs, sdtrace_uprobe_events)
+                     build_sdt_program, held_by_another_session, mount_tracefs,
+                     sdtrace_uprobe_events)
+
+from sdtrace.kernel import tracefs
 
 
 @pytest.fixture(scope="session")
@@ -21,6 +24,22 @@ def fixtures():
 def opt(request):
     """Runs a test once per optimisation level the fixtures are built at."""
     return request.param
+
+
+@pytest.fixture(scope="module")
+def program(tmp_path_factory):
+    """helpers.SDT_PROGRAM, compiled, with its site and semaphore offsets from readelf."""
+    return build_sdt_program(str(tmp_path_factory.mktemp("sdt")))
+
+
+@pytest.fixture
+def group():
+    """A fresh session group, removed after the test whatever happened."""
+    name = tracefs.new_group()
+    try:
+        yield name
+    finally:
+        tracefs.remove_group(name)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -19,10 +19,13 @@ read ELF facts through readelf: oracles independent of sdtrace.
 """
 import fcntl
 import hashlib
+import json
 import os
 import re
 import select
 import shutil
+import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -30,6 +33,9 @@ import time
 from dataclasses import dataclass
 
 import pytest
+
+from sdtrace.kernel import tracefs
+from sdtrace.semaphores.manager import SemaphoreManager
 
 FIXTURES_DIR = os.path.join(os.path.dirname(os.path.realpath(__file__)), "fixtures")
 BUILD_DIR = os.path.join(FIXTURES_DIR, "build")
@@ -47,6 +53,7 @@ PROGRAMS = {
     "nosdt": (("nosdt.c", "command_loop.c"), ()),
     "workload": (("workload.c", "command_loop.c"), ("-pthread",)),
 }
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 SET_UP_HINT = "run the README's test set-up (bash .ci/run)"
 TRACEFS = "/sys/kernel/tracing"
 UPROBE_EVENTS = os.path.join(TRACEFS, "uprobe_events")
@@ -141,6 +148,69 @@ def summary_counts(stderr):
     match = SUMMARY.match(stderr.strip().splitlines()[-1])
     assert match, stderr
     return int(match[1]), int(match[2])
+
+
+def one_line_error(result, *words):
+    """Asserts the CLI failed the documented way: status 1, one "sdtrace: ..." line naming `words`."""
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("sdtrace: "), result.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def wait_for(condition, timeout=5.0):
+    """Polls `condition` until it holds or `timeout` seconds pass; its last value."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return condition()
+        time.sleep(0.01)
+    return True
+
+
+TRACING = "sdtrace: tracing"
+
+
+class Tracer:
+    """`sdtrace trace` running in the background, writing JSON events to a file."""
+
+    def __init__(self, tmp_path, *args):
+        self.output = tmp_path / f"events-{time.monotonic_ns()}.json"
+        self.process = subprocess.Popen(
+            sdtrace_command("trace", "--json", "-o", str(self.output), *args),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.stderr = ""
+        deadline = time.monotonic() + 60
+        while TRACING not in self.stderr:
+            line = self.process.stderr.readline()
+            if not line or time.monotonic() > deadline:
+                self.process.kill()
+                raise AssertionError(f"tracer did not arm: {self.stderr}{self.process.stderr.read()}")
+            self.stderr += line
+
+    def stop(self, sig=signal.SIGINT):
+        """Stop the tracer; returns the events it wrote."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        _out, err = self.process.communicate(timeout=60)
+        self.stderr += err
+        return self.events()
+
+    def events(self):
+        return [json.loads(line) for line in self.output.read_text().splitlines()]
+
+    def kill(self):
+        """Make sure the tracer is gone (a failed test's finally); never leaves definitions."""
+        if self.process.poll() is not None:
+            return
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.communicate()
+            subprocess.run(sdtrace_command("cleanup"), capture_output=True, timeout=60)
 
 
 # --- driving a fixture program ----------------------------------------------
@@ -301,6 +371,67 @@ def write_mem(pid, address, data):
         memory.write(data)
 
 
+COUNTER = struct.Struct("<H")   # an SDT semaphore: unsigned short, little-endian here
+
+
+def counter(pid, path, offset):
+    """The semaphore at file `offset` of `path` in process `pid`, read from its memory."""
+    return COUNTER.unpack(read_mem(pid, address_of(pid, path, offset, perms="rw-p"), 2))[0]
+
+
+def set_counter(pid, path, offset, value):
+    """Writes the semaphore at file `offset` of `path` in process `pid`, as a tracer would."""
+    write_mem(pid, address_of(pid, path, offset, perms="rw-p"), COUNTER.pack(value))
+
+
+def private_copy(fixtures, name, tmp_path, opt="O2"):
+    path = tmp_path / name
+    shutil.copy(fixtures.path(name, opt), path)
+    return str(path)
+
+
+def semaphore_offsets(path, probe_name=None):
+    """{link-time semaphore address: file offset} of the probes (named `probe_name`)."""
+    return {note.semaphore: file_offset(path, note.semaphore) for note in readelf_notes(path)
+            if note.semaphore and probe_name in (None, note.name)}
+
+
+def started_by_us(pid):
+    """Scope for the managers of these tests: processes this test session started."""
+    try:
+        while pid > 1:
+            with open(f"/proc/{pid}/stat", "rb") as stat:
+                pid = int(stat.read().rsplit(b")", 1)[1].split()[1])
+            if pid == os.getpid():
+                return True
+    except (OSError, ValueError):
+        pass
+    return False
+
+
+class Library:
+    """A private copy of libsdtsem.so and semuser programs that load it."""
+
+    def __init__(self, fixtures, tmp_path, opt="O2"):
+        self.path = private_copy(fixtures, "libsdtsem.so", tmp_path, opt)
+        self.semuser = fixtures.path("semuser", opt)
+        [self.offset] = semaphore_offsets(self.path).values()
+        self.warnings = []
+
+    def manager(self, scope=started_by_us, **options):
+        return SemaphoreManager([(self.path, self.offset)], scope, warn=self.warnings.append,
+                                **options)
+
+    def user(self, load=True):
+        target = Target(self.semuser, self.path).start()
+        if load:
+            target.send("load")
+        return target
+
+    def value(self, pid):
+        return counter(pid, self.path, self.offset)
+
+
 # --- an oracle for ELF facts: readelf, independent of sdtrace ---------------
 
 # The machine's real SDT-enabled binaries; a test skips one that is not installed.
@@ -405,3 +536,95 @@ def held_by_another_session(group):
 def mount_tracefs():
     if os.geteuid() == 0 and not os.path.exists(UPROBE_EVENTS):
         subprocess.run(["mount", "-t", "tracefs", "nodev", TRACEFS], check=True)
+
+
+# --- a hand-written SDT program and its uprobe, for the tracefs and perf layers ---
+
+# demo:hit(int i, const char *message), guarded by its semaphore, speaking the
+# protocol of tests/fixtures/command_loop.h: "fire N" -> "enabled 0|1" (the
+# semaphore as the loop started), N hits with i = 0..N-1, "done".  argv[1] is
+# the message; "NULL" passes a NULL pointer.
+SDT_PROGRAM = r"""
+#define _SDT_HAS_SEMAPHORES 1
+#include <sys/sdt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+volatile unsigned short demo_hit_semaphore __attribute__((section(".probes")));
+
+int main(int argc, char **argv)
+{
+    const char *message = argc > 1 && strcmp(argv[1], "NULL") ? argv[1] : NULL;
+    char line[64];
+
+    printf("ready %d\n", (int)getpid());
+    fflush(stdout);
+    while (fgets(line, sizeof line, stdin)) {
+        long count = strncmp(line, "fire ", 5) ? 0 : atol(line + 5);
+
+        printf("enabled %d\n", demo_hit_semaphore != 0);
+        for (long i = 0; i < count; i++)
+            if (demo_hit_semaphore)
+                DTRACE_PROBE2(demo, hit, (int)i, message);
+        puts("done");
+        fflush(stdout);
+    }
+    return 0;
+}
+"""
+
+
+@dataclass(frozen=True)
+class SdtProgram:
+    path: str
+    site: int            # file offset of demo:hit (the uprobe offset)
+    site_address: int    # its link-time address
+    semaphore: int       # file offset of demo_hit_semaphore (the ref_ctr_offset)
+    fetchargs: tuple     # arg1 = i as s32, arg2 = message as string
+
+
+def x86_fetcharg(spec):
+    """An SDT argument spec as a fetcharg: "-4@%eax" -> "%ax", "8@16(%rsp)" -> "+16(%sp)"."""
+    location = spec.split("@", 1)[1]
+
+    def register(name):
+        if re.fullmatch(r"r\d+[dwb]?", name):
+            return name.rstrip("dwb")
+        name = {"al": "ax", "bl": "bx", "cl": "cx", "dl": "dx", "sil": "si", "dil": "di",
+                "bpl": "bp", "spl": "sp"}.get(name, name)
+        return name[1:] if len(name) == 3 else name
+
+    memory = re.fullmatch(r"(-?\d*)\(%(\w+)\)", location)
+    if memory:
+        return f"{int(memory[1] or 0):+d}(%{register(memory[2])})"
+    assert re.fullmatch(r"%\w+", location), f"unexpected operand {spec}"
+    return "%" + register(location[1:])
+
+
+def build_sdt_program(directory):
+    source = os.path.join(directory, "demo.c")
+    path = os.path.join(directory, "demo")
+    with open(source, "w") as file:
+        file.write(SDT_PROGRAM)
+    subprocess.run(["gcc", "-O2", "-o", path, source], check=True)
+    [note] = readelf_notes(path)
+    int_spec, string_spec = note.args
+    return SdtProgram(path, file_offset(path, note.location), note.location,
+                      file_offset(path, note.semaphore),
+                      (f"arg1={x86_fetcharg(int_spec)}:s32",
+                       f"arg2=+0({x86_fetcharg(string_spec)}):string"))
+
+
+def definitions_of(group):
+    """The uprobe_events lines of `group`."""
+    with open(os.path.join(tracefs.root(), "uprobe_events")) as file:
+        return [line for line in file.read().splitlines()
+                if line.split(None, 1)[0][2:].split("/")[0] == group]
+
+
+def add_demo_hit(program, group, event="hit", **overrides):
+    arguments = dict(ref_ctr_offset=program.semaphore, fetchargs=program.fetchargs)
+    arguments.update(overrides)
+    tracefs.add_uprobe(group, event, program.path, program.site, **arguments)

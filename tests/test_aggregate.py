@@ -18,7 +18,7 @@ import time
 
 import pytest
 from helpers import SYSTEM_PYTHON as PYTHON
-from helpers import Target, sdtrace, sdtrace_command, summary_counts
+from helpers import Target, one_line_error, sdtrace, sdtrace_command, summary_counts
 
 CALLS = """
 def tick(x):
@@ -44,14 +44,6 @@ def fixture_lines(stdout, word):
 def bucket_low(nanoseconds):
     """Lower bound of the power-of-two bucket of a positive duration."""
     return 1 << (nanoseconds.bit_length() - 1)
-
-
-def one_line_error(result, *words):
-    assert result.returncode == 1, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("sdtrace: "), result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
 
 
 # -- count -----------------------------------------------------------------------------

@@ -14,8 +14,8 @@ import subprocess
 import sys
 
 import pytest
-from helpers import TRACEFS, Target, address_of, file_offset, read_mem, readelf_notes, sdtrace
-from test_refcount import Library, private_copy, semaphore_offsets, set_counter
+from helpers import (TRACEFS, Library, Target, address_of, file_offset, private_copy, read_mem,
+                     readelf_notes, sdtrace, semaphore_offsets, set_counter)
 
 GROUP = "sdtrace_test_audit"
 

@@ -1,7 +1,7 @@
 """events.py's generated parsers against the generic path, on real samples.
 
 The samples come from the kernel: the `values` fixture fires every argument
-type once, test_tracefs's demo program a NULL string.  Their ring bytes
+type once, helpers.SDT_PROGRAM a NULL string.  Their ring bytes
 (Ring.take) are parsed twice: by the generic path, which is independent of
 the generated code (perf.SAMPLES, EventFormat.decode, then the fetch plans
 applied one by one by assemble() below), and by the generated parsers of
@@ -13,8 +13,7 @@ import platform
 import time
 
 import pytest
-from helpers import Target
-from test_tracefs import add_demo_hit, group, program  # noqa: F401
+from helpers import Target, add_demo_hit
 
 from sdtrace.engine import events
 from sdtrace.engine.fetchargs import ArgumentPlan

@@ -9,13 +9,11 @@ here by writing the process's memory directly, as a tracer's kernel side would.
 import json
 import os
 import re
-import struct
 
 import pytest
-from helpers import (PROGRAMS, Target, address_of, file_offset, maps, read_mem, readelf,
-                      readelf_notes, readelf_segments, write_mem)
+from helpers import (COUNTER, PROGRAMS, Target, address_of, file_offset, maps, read_mem, readelf,
+                     readelf_notes, readelf_segments, set_counter)
 
-SEMAPHORE = struct.Struct("<H")
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 # "off(%reg)" with a base other than %rip; the offset may be empty ("(%rax)")
 BASE_OFFSET_OPERAND = re.compile(r"^-?\d+f?@-?\d*\(%(?!rip)\w+\)$")
@@ -32,7 +30,7 @@ def semaphore_address(pid, path, note):
 
 
 def set_semaphore(pid, path, note, value):
-    write_mem(pid, semaphore_address(pid, path, note), SEMAPHORE.pack(value))
+    set_counter(pid, path, file_offset(path, note.semaphore), value)
 
 
 def file_mappings(pid, path):
@@ -145,7 +143,7 @@ def test_library_is_mapped_only_after_load_with_relro_split(fixtures, opt):
         assert writable.start == bias + relro_end // PAGE_SIZE * PAGE_SIZE
         assert any(m.perms == "r--p" and m.end == writable.start for m in mappings)
         assert len(mappings) >= 4
-        assert read_mem(target.pid, semaphore, 2) == SEMAPHORE.pack(0)
+        assert read_mem(target.pid, semaphore, 2) == COUNTER.pack(0)
 
 
 def test_library_load_unload_fork(fixtures):

@@ -1,6 +1,6 @@
 """perf.py against the real kernel: arming by fd, per-CPU rings, loss, crash safety.
 
-Every test defines demo:hit of test_tracefs's SDT program in a fresh group,
+Every test defines demo:hit of helpers.SDT_PROGRAM in a fresh group,
 opens it through perf, drives the program over its stdin protocol and checks
 the kernel's effects through /proc/PID/mem: the semaphore (2 bytes at its file
 offset) and the breakpoint (0xcc at the site).
@@ -8,14 +8,12 @@ offset) and the breakpoint (0xcc at the site).
 import ctypes
 import os
 import platform
-import struct
 import subprocess
 import sys
 import time
 
 import pytest
-from helpers import Target, address_of, read_mem
-from test_tracefs import REPOSITORY, add_demo_hit, definitions_of, group, program  # noqa: F401
+from helpers import REPOSITORY, Target, add_demo_hit, address_of, counter, definitions_of, read_mem
 
 from sdtrace.errors import SdtraceError
 from sdtrace.kernel import perf, tracefs
@@ -23,13 +21,7 @@ from sdtrace.kernel import perf, tracefs
 pytestmark = pytest.mark.skipif(platform.machine() != "x86_64",
                                 reason="the fetch arguments use x86-64 registers")
 
-SEMAPHORE = struct.Struct("<H")
 BREAKPOINT = b"\xcc"      # int3, what uprobes write over the site on x86
-
-
-def semaphore_of(target, program):
-    address = address_of(target.pid, program.path, program.semaphore, perms="rw-p")
-    return SEMAPHORE.unpack(read_mem(target.pid, address, SEMAPHORE.size))[0]
 
 
 def site_byte(target, program):
@@ -183,7 +175,7 @@ def test_pid_filter_and_hang_up_when_the_process_exits(program, hit_event):
         with perf.RingSet() as rings:
             rings.open(event_id, pid=traced.pid)
             rings.enable()
-            assert semaphore_of(traced, program) == 1 and semaphore_of(other, program) == 0
+            assert counter(traced.pid, program.path, program.semaphore) == 1 and counter(other.pid, program.path, program.semaphore) == 0
             other.send("fire 5")
             traced.send("fire 3")
             samples, _ = drain_until(rings, 3)
@@ -201,18 +193,18 @@ def test_semaphore_and_breakpoint_live_exactly_while_fds_are_open(program, hit_e
     event_id, _ = hit_event
     with Target(program.path, "x") as target:
         original = site_byte(target, program)
-        assert original != BREAKPOINT and semaphore_of(target, program) == 0
+        assert original != BREAKPOINT and counter(target.pid, program.path, program.semaphore) == 0
         rings = perf.RingSet()
         try:
             rings.open(event_id)               # disabled, yet armed: open registers
-            assert semaphore_of(target, program) == 1
+            assert counter(target.pid, program.path, program.semaphore) == 1
             assert site_byte(target, program) == BREAKPOINT
             assert target.send("fire 0") == ["enabled 1"]
             with Target(program.path, "late") as late:   # mapped after: counted at mmap
-                assert semaphore_of(late, program) == 1
+                assert counter(late.pid, program.path, program.semaphore) == 1
         finally:
             rings.close()
-        assert semaphore_of(target, program) == 0
+        assert counter(target.pid, program.path, program.semaphore) == 0
         assert site_byte(target, program) == original
         assert target.send("fire 0") == ["enabled 0"]
 
@@ -226,10 +218,10 @@ def test_two_sessions_on_one_site_count_the_semaphore_once(program, hit_event):
             with perf.RingSet() as first_rings, perf.RingSet() as second_rings:
                 first_rings.open(event_id)
                 second_rings.open(tracefs.event_id(second, "hit"))
-                assert semaphore_of(target, program) == 1
+                assert counter(target.pid, program.path, program.semaphore) == 1
                 first_rings.close()
-                assert semaphore_of(target, program) == 1
-            assert semaphore_of(target, program) == 0
+                assert counter(target.pid, program.path, program.semaphore) == 1
+            assert counter(target.pid, program.path, program.semaphore) == 0
     finally:
         tracefs.remove_group(second)
 
@@ -284,14 +276,14 @@ def test_sigkilled_tracer_leaves_nothing_armed(program):
         try:
             tracer_group = tracer.stdout.readline().strip()
             assert tracer_group.startswith("sdtrace_")
-            assert semaphore_of(target, program) == 1
+            assert counter(target.pid, program.path, program.semaphore) == 1
             assert site_byte(target, program) == BREAKPOINT
             tracer.kill()
             deadline = time.monotonic() + 1.0
             while time.monotonic() < deadline and (
-                    semaphore_of(target, program) or site_byte(target, program) != original):
+                    counter(target.pid, program.path, program.semaphore) or site_byte(target, program) != original):
                 time.sleep(0.01)
-            assert semaphore_of(target, program) == 0
+            assert counter(target.pid, program.path, program.semaphore) == 0
             assert site_byte(target, program) == original
             assert target.send("fire 0") == ["enabled 0"]
             assert definitions_of(tracer_group)        # the inert definition remains

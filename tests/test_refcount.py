@@ -11,7 +11,6 @@ import contextlib
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
@@ -20,7 +19,7 @@ import threading
 import time
 
 import pytest
-from helpers import Target, address_of, file_offset, maps, read_mem, readelf_notes, write_mem
+from helpers import Library, Target, maps, private_copy, set_counter, started_by_us, wait_for
 
 from sdtrace.discovery import notes
 from sdtrace.errors import SdtraceError
@@ -29,81 +28,13 @@ from sdtrace.semaphores import guardian
 from sdtrace.semaphores.counters import RUN_DIR
 from sdtrace.semaphores.manager import SemaphoreManager
 
-COUNTER = struct.Struct("<H")
-PROMPTLY = 2.0      # seconds a new mapping may take to be raised
 
 
 # --- helpers ------------------------------------------------------------------
 
-def private_copy(fixtures, name, tmp_path, opt="O2"):
-    path = tmp_path / name
-    shutil.copy(fixtures.path(name, opt), path)
-    return str(path)
-
-
-def semaphore_offsets(path, probe_name=None):
-    """{link-time semaphore address: file offset} of the probes (named `probe_name`)."""
-    return {note.semaphore: file_offset(path, note.semaphore) for note in readelf_notes(path)
-            if note.semaphore and probe_name in (None, note.name)}
-
-
-def counter(pid, path, offset):
-    """The counter at file `offset` of `path` in process `pid`, read from its memory."""
-    return COUNTER.unpack(read_mem(pid, address_of(pid, path, offset, perms="rw-p"), 2))[0]
-
-
-def set_counter(pid, path, offset, value):
-    write_mem(pid, address_of(pid, path, offset, perms="rw-p"), COUNTER.pack(value))
-
-
-def wait_for(condition, timeout=PROMPTLY):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return condition()
-        time.sleep(0.01)
-    return True
-
-
 def process_state(pid):
     with open(f"/proc/{pid}/stat") as stat:
         return stat.read().rsplit(") ", 1)[1][0]
-
-
-def started_by_us(pid):
-    """Scope for the managers of these tests: processes this test session started."""
-    try:
-        while pid > 1:
-            with open(f"/proc/{pid}/stat", "rb") as stat:
-                pid = int(stat.read().rsplit(b")", 1)[1].split()[1])
-            if pid == os.getpid():
-                return True
-    except (OSError, ValueError):
-        pass
-    return False
-
-
-class Library:
-    """A private copy of libsdtsem.so and semuser programs that load it."""
-
-    def __init__(self, fixtures, tmp_path, opt="O2"):
-        self.path = private_copy(fixtures, "libsdtsem.so", tmp_path, opt)
-        self.semuser = fixtures.path("semuser", opt)
-        [self.offset] = semaphore_offsets(self.path).values()
-        self.warnings = []
-
-    def manager(self, scope=started_by_us, **options):
-        return SemaphoreManager([(self.path, self.offset)], scope, warn=self.warnings.append,
-                                **options)
-
-    def user(self, load=True):
-        target = Target(self.semuser, self.path).start()
-        if load:
-            target.send("load")
-        return target
-
-    def value(self, pid):
-        return counter(pid, self.path, self.offset)
 
 
 def sem(target):

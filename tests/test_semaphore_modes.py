@@ -17,8 +17,7 @@ import subprocess
 import time
 
 import pytest
-from helpers import Target, sdtrace_command, summary_counts
-from test_trace import Tracer, wait_for
+from helpers import Target, Tracer, sdtrace_command, summary_counts, wait_for
 
 MODES = ("kernel", "user")
 

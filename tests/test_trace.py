@@ -14,72 +14,15 @@ import time
 import pytest
 from helpers import LIBJVM, POSTGRES_BIN
 from helpers import SYSTEM_PYTHON as PYTHON
-from helpers import Target, address_of, read_mem, sdtrace_command, summary_counts
+from helpers import (Target, Tracer, address_of, counter, maps, one_line_error, read_mem,
+                     sdtrace_command, summary_counts, wait_for)
 
 from sdtrace.discovery import notes
-
-TRACING = "sdtrace: tracing"
-
-
-class Tracer:
-    """`sdtrace trace` running in the background, writing JSON events to a file."""
-
-    def __init__(self, tmp_path, *args):
-        self.output = tmp_path / f"events-{time.monotonic_ns()}.json"
-        self.process = subprocess.Popen(
-            sdtrace_command("trace", "--json", "-o", str(self.output), *args),
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.stderr = ""
-        deadline = time.monotonic() + 60
-        while TRACING not in self.stderr:
-            line = self.process.stderr.readline()
-            if not line or time.monotonic() > deadline:
-                self.process.kill()
-                raise AssertionError(f"tracer did not arm: {self.stderr}{self.process.stderr.read()}")
-            self.stderr += line
-
-    def stop(self, sig=signal.SIGINT):
-        """Stop the tracer; returns the events it wrote."""
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        _out, err = self.process.communicate(timeout=60)
-        self.stderr += err
-        return self.events()
-
-    def events(self):
-        return [json.loads(line) for line in self.output.read_text().splitlines()]
-
-    def kill(self):
-        """Make sure the tracer is gone (a failed test's finally); never leaves definitions."""
-        if self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGINT)
-        try:
-            self.process.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.communicate()
-            subprocess.run(sdtrace_command("cleanup"), capture_output=True, timeout=60)
 
 
 def semaphore_of(path, probe_name):
     [semaphore] = {p.semaphore for p in notes.read_probes(path) if p.name == probe_name}
     return semaphore
-
-
-def counter(pid, library, semaphore_offset):
-    """The 16-bit semaphore as the process sees it, read through /proc/PID/mem."""
-    address = address_of(pid, library, semaphore_offset, perms="rw-p")
-    return int.from_bytes(read_mem(pid, address, 2), "little")
-
-
-def wait_for(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 # -- values --------------------------------------------------------------------
@@ -121,7 +64,7 @@ def test_semaphore_exactly_one_per_process_with_relro_split(fixtures, tmp_path):
     semaphore = semaphore_of(library, "tick")
     with Target(fixtures.path("semuser"), library) as before:
         before.send("load")
-        file_mappings = [m for m in __import__("helpers").maps(before.pid) if m.path == library]
+        file_mappings = [m for m in maps(before.pid) if m.path == library]
         assert len(file_mappings) >= 4 and any(m.perms == "r--p" and m.offset > 0
                                                for m in file_mappings), "no RELRO split"
         tracer = Tracer(tmp_path, f"{library}:semlib:tick")
@@ -336,14 +279,6 @@ def test_session_api_yields_events(fixtures):
 
 
 # -- errors ------------------------------------------------------------------------
-
-def one_line_error(result, *words):
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("sdtrace: "), result.stderr
-    for word in words:
-        assert word in lines[0], lines[0]
-
 
 def test_errors_are_one_clear_line(fixtures, tmp_path):
     library = fixtures.path("libsdtsem.so")

@@ -1,130 +1,24 @@
 """tracefs.py against the real kernel: definitions, refusals, session groups, formats.
 
-The probe target is a small C program compiled here (SDT_PROGRAM); its site
+The probe target is a small C program (helpers.SDT_PROGRAM); its site
 and semaphore file offsets come from readelf (the oracle in helpers.py), never from
-sdtrace.  test_perf.py reuses the program and the fixtures defined here.
+sdtrace.  The program, its `program` and `group` fixtures live in helpers.py and
+conftest.py, shared with test_perf.py and test_events.py.
 """
 import os
 import platform
 import re
 import subprocess
 import sys
-from dataclasses import dataclass
 
 import pytest
-from helpers import file_offset, readelf_notes
+from helpers import REPOSITORY, add_demo_hit, definitions_of
 
 from sdtrace.errors import SdtraceError
 from sdtrace.kernel import tracefs
 
-REPOSITORY = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 pytestmark = pytest.mark.skipif(platform.machine() != "x86_64",
                                 reason="the fetch arguments below use x86-64 registers")
-
-# demo:hit(int i, const char *message), guarded by its semaphore, speaking the
-# protocol of tests/fixtures/command_loop.h: "fire N" -> "enabled 0|1" (the
-# semaphore as the loop started), N hits with i = 0..N-1, "done".  argv[1] is
-# the message; "NULL" passes a NULL pointer.
-SDT_PROGRAM = r"""
-#define _SDT_HAS_SEMAPHORES 1
-#include <sys/sdt.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <unistd.h>
-
-volatile unsigned short demo_hit_semaphore __attribute__((section(".probes")));
-
-int main(int argc, char **argv)
-{
-    const char *message = argc > 1 && strcmp(argv[1], "NULL") ? argv[1] : NULL;
-    char line[64];
-
-    printf("ready %d\n", (int)getpid());
-    fflush(stdout);
-    while (fgets(line, sizeof line, stdin)) {
-        long count = strncmp(line, "fire ", 5) ? 0 : atol(line + 5);
-
-        printf("enabled %d\n", demo_hit_semaphore != 0);
-        for (long i = 0; i < count; i++)
-            if (demo_hit_semaphore)
-                DTRACE_PROBE2(demo, hit, (int)i, message);
-        puts("done");
-        fflush(stdout);
-    }
-    return 0;
-}
-"""
-
-
-@dataclass(frozen=True)
-class SdtProgram:
-    path: str
-    site: int            # file offset of demo:hit (the uprobe offset)
-    site_address: int    # its link-time address
-    semaphore: int       # file offset of demo_hit_semaphore (the ref_ctr_offset)
-    fetchargs: tuple     # arg1 = i as s32, arg2 = message as string
-
-
-def x86_fetcharg(spec):
-    """An SDT argument spec as a fetcharg: "-4@%eax" -> "%ax", "8@16(%rsp)" -> "+16(%sp)"."""
-    location = spec.split("@", 1)[1]
-
-    def register(name):
-        if re.fullmatch(r"r\d+[dwb]?", name):
-            return name.rstrip("dwb")
-        name = {"al": "ax", "bl": "bx", "cl": "cx", "dl": "dx", "sil": "si", "dil": "di",
-                "bpl": "bp", "spl": "sp"}.get(name, name)
-        return name[1:] if len(name) == 3 else name
-
-    memory = re.fullmatch(r"(-?\d*)\(%(\w+)\)", location)
-    if memory:
-        return f"{int(memory[1] or 0):+d}(%{register(memory[2])})"
-    assert re.fullmatch(r"%\w+", location), f"unexpected operand {spec}"
-    return "%" + register(location[1:])
-
-
-def build_sdt_program(directory):
-    source = os.path.join(directory, "demo.c")
-    path = os.path.join(directory, "demo")
-    with open(source, "w") as file:
-        file.write(SDT_PROGRAM)
-    subprocess.run(["gcc", "-O2", "-o", path, source], check=True)
-    [note] = readelf_notes(path)
-    int_spec, string_spec = note.args
-    return SdtProgram(path, file_offset(path, note.location), note.location,
-                      file_offset(path, note.semaphore),
-                      (f"arg1={x86_fetcharg(int_spec)}:s32",
-                       f"arg2=+0({x86_fetcharg(string_spec)}):string"))
-
-
-@pytest.fixture(scope="module")
-def program(tmp_path_factory):
-    return build_sdt_program(str(tmp_path_factory.mktemp("sdt")))
-
-
-@pytest.fixture
-def group():
-    """A fresh session group, removed after the test whatever happened."""
-    name = tracefs.new_group()
-    try:
-        yield name
-    finally:
-        tracefs.remove_group(name)
-
-
-def definitions_of(group):
-    """The uprobe_events lines of `group`."""
-    with open(os.path.join(tracefs.root(), "uprobe_events")) as file:
-        return [line for line in file.read().splitlines()
-                if line.split(None, 1)[0][2:].split("/")[0] == group]
-
-
-def add_demo_hit(program, group, event="hit", **overrides):
-    arguments = dict(ref_ctr_offset=program.semaphore, fetchargs=program.fetchargs)
-    arguments.update(overrides)
-    tracefs.add_uprobe(group, event, program.path, program.site, **arguments)
-
 
 # --- mount, capabilities ---------------------------------------------------------
 
