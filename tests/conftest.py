@@ -1,17 +1,53 @@
 """pytest's fixtures and hooks; the shared helpers live in tests/helpers.py.
 
-The session guards the kernel: tracefs is mounted if it is missing, and the
-session fails if it leaves sdtrace_ uprobe events behind.
+Two tiers.  Tests marked `kernel` need root and tracefs/perf, or write other
+processes' memory; everything else is the root-free tier, `pytest -m "not
+kernel"`, which runs in seconds as any user, from a checkout that user cannot
+write to (the fixtures are then built under $SDTRACE_TEST_BUILD or a temporary
+directory, and hypothesis keeps no example database).
+
+Kernel tests guard the kernel: tracefs is mounted if it is missing, and the
+session fails if it leaves sdtrace_ uprobe events behind.  Without root they
+skip.  Under CI=true or SDTRACE_NO_SKIP=1 a skip is a failure: on the machine
+.ci/run prepares, every prerequisite of every test is there.
 """
+import os
 import warnings
 
+import hypothesis
 import pytest
 
-from helpers import (OPT_LEVELS, UPROBE_EVENTS, FixturePrograms, build_fixtures,
+from helpers import (OPT_LEVELS, REPOSITORY, UPROBE_EVENTS, FixturePrograms, build_fixtures,
                      build_sdt_program, held_by_another_session, mount_tracefs,
                      sdtrace_uprobe_events)
 
 from sdtrace.kernel import tracefs
+
+NO_SKIP = os.environ.get("SDTRACE_NO_SKIP", "") not in ("", "0") or os.environ.get("CI") == "true"
+
+if not os.access(os.getcwd(), os.W_OK) or not os.access(REPOSITORY, os.W_OK):
+    hypothesis.settings.register_profile("read-only-checkout", database=None)
+    hypothesis.settings.load_profile("read-only-checkout")
+
+
+def _skip_is_failure(report):
+    """Under NO_SKIP, turns a skip (not an xfail) into a failure naming its reason."""
+    if NO_SKIP and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"skipped, and skips are failures here (SDTRACE_NO_SKIP/CI): {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    _skip_is_failure(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    _skip_is_failure(outcome.get_result())
 
 
 @pytest.fixture(scope="session")
@@ -42,7 +78,17 @@ def group():
         tracefs.remove_group(name)
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(autouse=True)
+def kernel_tier(request):
+    """Gives a `kernel` test root and a guarded kernel; other tests get nothing."""
+    if request.node.get_closest_marker("kernel") is None:
+        return
+    if os.geteuid() != 0:
+        pytest.skip("a kernel test: needs root")
+    request.getfixturevalue("no_uprobe_leftovers")
+
+
+@pytest.fixture(scope="session")
 def no_uprobe_leftovers():
     """Fails the session if it ends with sdtrace_ uprobe events it left behind.
 

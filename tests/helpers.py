@@ -5,7 +5,10 @@ tests/conftest.py holds only pytest's fixtures and hooks, and no test module
 imports another.
 
 The fixture programs in tests/fixtures/ are compiled by the test session
-itself, at -O0 and at -O2, into tests/fixtures/build/<opt>/.  A digest of the
+itself, at -O0 and at -O2, into BUILD_DIR/<opt>/: tests/fixtures/build/, or
+$SDTRACE_TEST_BUILD, or a directory of this user's in the temporary directory
+when the checkout is not writable (an unprivileged user testing root's
+checkout).  A digest of the
 sources and of the recipe below is stored next to the binaries; a session
 rebuilds only when it differs.  Building happens under an flock, so parallel
 sessions (or pytest-xdist workers) build once and never see half-written
@@ -38,7 +41,19 @@ from sdtrace.kernel import tracefs
 from sdtrace.semaphores.manager import SemaphoreManager
 
 FIXTURES_DIR = os.path.join(os.path.dirname(os.path.realpath(__file__)), "fixtures")
-BUILD_DIR = os.path.join(FIXTURES_DIR, "build")
+
+
+def _build_dir():
+    """Where fixtures are built: $SDTRACE_TEST_BUILD, the checkout, else a private temp dir."""
+    if os.environ.get("SDTRACE_TEST_BUILD"):
+        return os.environ["SDTRACE_TEST_BUILD"]
+    in_checkout = os.path.join(FIXTURES_DIR, "build")
+    if os.access(in_checkout if os.path.isdir(in_checkout) else FIXTURES_DIR, os.W_OK):
+        return in_checkout
+    return os.path.join(tempfile.gettempdir(), f"sdtrace-test-build-{os.geteuid()}")
+
+
+BUILD_DIR = _build_dir()
 OPT_LEVELS = ("O0", "O2")
 CFLAGS = ("-g", "-std=gnu11", "-Wall", "-Wextra", "-Werror")
 SHARED_LIBRARY = ("-shared", "-fPIC", "-Wl,-z,relro", "-Wl,-z,now")
@@ -94,7 +109,7 @@ def compile_programs(opt, directory):
 
 def build_fixtures():
     """Brings BUILD_DIR/<opt>/ up to date for every opt level; safe to race."""
-    os.makedirs(BUILD_DIR, exist_ok=True)
+    os.makedirs(BUILD_DIR, mode=0o700, exist_ok=True)
     digest = fixtures_digest()
     with open(os.path.join(BUILD_DIR, ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

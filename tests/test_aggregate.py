@@ -20,6 +20,8 @@ import pytest
 from helpers import SYSTEM_PYTHON as PYTHON
 from helpers import Target, one_line_error, sdtrace, sdtrace_command, summary_counts
 
+pytestmark = pytest.mark.kernel
+
 CALLS = """
 def tick(x):
     return x + 1

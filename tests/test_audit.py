@@ -17,6 +17,8 @@ import pytest
 from helpers import (TRACEFS, Library, Target, address_of, file_offset, private_copy, read_mem,
                      readelf_notes, sdtrace, semaphore_offsets, set_counter)
 
+pytestmark = pytest.mark.kernel
+
 GROUP = "sdtrace_test_audit"
 
 # Loads a library, then makes the page at the address read from stdin fault for every

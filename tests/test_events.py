@@ -22,8 +22,9 @@ from sdtrace.errors import SdtraceError
 from sdtrace.kernel import perf, tracefs
 from sdtrace.present import output
 
-pytestmark = pytest.mark.skipif(platform.machine() != "x86_64",
-                                reason="the fixtures' fetch arguments are x86-64's")
+pytestmark = [pytest.mark.kernel,
+              pytest.mark.skipif(platform.machine() != "x86_64",
+                                 reason="the fixtures' fetch arguments are x86-64's")]
 
 
 def take_samples(rings, timeout=10.0):

@@ -14,6 +14,8 @@ import pytest
 from helpers import (COUNTER, PROGRAMS, Target, address_of, file_offset, maps, read_mem, readelf,
                      readelf_notes, readelf_segments, set_counter)
 
+pytestmark = pytest.mark.kernel
+
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 # "off(%reg)" with a base other than %rip; the offset may be empty ("(%rax)")
 BASE_OFFSET_OPERAND = re.compile(r"^-?\d+f?@-?\d*\(%(?!rip)\w+\)$")

@@ -18,8 +18,9 @@ from helpers import REPOSITORY, Target, add_demo_hit, address_of, counter, defin
 from sdtrace.errors import SdtraceError
 from sdtrace.kernel import perf, tracefs
 
-pytestmark = pytest.mark.skipif(platform.machine() != "x86_64",
-                                reason="the fetch arguments use x86-64 registers")
+pytestmark = [pytest.mark.kernel,
+              pytest.mark.skipif(platform.machine() != "x86_64",
+                                 reason="the fetch arguments use x86-64 registers")]
 
 BREAKPOINT = b"\xcc"      # int3, what uprobes write over the site on x86
 

@@ -16,6 +16,8 @@ import pytest
 from helpers import SYSTEM_PYTHON as PYTHON
 from helpers import sdtrace
 
+pytestmark = pytest.mark.kernel
+
 CALLS = """
 def tick(x):
     return x + 1

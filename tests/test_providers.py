@@ -67,6 +67,7 @@ def test_default_string_types_yield_to_explicit_ones():
     assert fetchargs.argument_types(entry, too_many) == too_many
 
 
+@pytest.mark.kernel
 @pytest.mark.skipif(not os.path.exists(PYTHON), reason="Debian's python3.11 is not installed")
 def test_python_events_carry_decoded_named_arguments(tmp_path):
     script = tmp_path / "greet.py"

@@ -28,7 +28,7 @@ from sdtrace.semaphores import guardian
 from sdtrace.semaphores.counters import RUN_DIR
 from sdtrace.semaphores.manager import SemaphoreManager
 
-
+pytestmark = pytest.mark.kernel
 
 # --- helpers ------------------------------------------------------------------
 

@@ -19,6 +19,8 @@ import time
 import pytest
 from helpers import Target, Tracer, sdtrace_command, summary_counts, wait_for
 
+pytestmark = pytest.mark.kernel
+
 MODES = ("kernel", "user")
 
 

@@ -19,6 +19,8 @@ from helpers import (Target, Tracer, address_of, counter, maps, one_line_error, 
 
 from sdtrace.discovery import notes
 
+pytestmark = pytest.mark.kernel
+
 
 def semaphore_of(path, probe_name):
     [semaphore] = {p.semaphore for p in notes.read_probes(path) if p.name == probe_name}

@@ -17,8 +17,9 @@ from helpers import REPOSITORY, add_demo_hit, definitions_of
 from sdtrace.errors import SdtraceError
 from sdtrace.kernel import tracefs
 
-pytestmark = pytest.mark.skipif(platform.machine() != "x86_64",
-                                reason="the fetch arguments below use x86-64 registers")
+pytestmark = [pytest.mark.kernel,
+              pytest.mark.skipif(platform.machine() != "x86_64",
+                                 reason="the fetch arguments below use x86-64 registers")]
 
 # --- mount, capabilities ---------------------------------------------------------
 
