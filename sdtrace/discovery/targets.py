@@ -90,7 +90,7 @@ def _ld_cache_entries():
     except OSError:
         return ()
     start = cache.find(CACHE_MAGIC)  # after an old-format block, if any
-    if start < 0:
+    if start < 0 or len(cache) < start + len(CACHE_MAGIC) + CACHE_HEADER.size:
         return ()
     nlibs, _strings_len, _flags, _ext = CACHE_HEADER.unpack_from(cache, start + len(CACHE_MAGIC))
     abi = CACHE_ABI_FLAGS.get(MACHINE)
