@@ -14,8 +14,6 @@ import pytest
 from helpers import (COUNTER, PROGRAMS, Target, address_of, file_offset, maps, read_mem, readelf,
                      readelf_notes, readelf_segments, set_counter)
 
-pytestmark = pytest.mark.kernel
-
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 # "off(%reg)" with a base other than %rip; the offset may be empty ("(%rax)")
 BASE_OFFSET_OPERAND = re.compile(r"^-?\d+f?@-?\d*\(%(?!rip)\w+\)$")
@@ -99,6 +97,7 @@ def test_values_operand_kinds_at_O2(fixtures):
     assert [spec.split("@")[0] for spec in notes["float"].args] == ["4f", "8f"]
 
 
+@pytest.mark.kernel   # writes the program's semaphores through /proc/PID/mem
 def test_values_guarded_follows_its_semaphore(fixtures, opt):
     path = fixtures.path("values", opt)
     [guarded] = notes_named(path, "guarded")
@@ -108,6 +107,7 @@ def test_values_guarded_follows_its_semaphore(fixtures, opt):
         assert target.send("fire 1") == ["guarded 1"]
 
 
+@pytest.mark.kernel   # writes the program's semaphores through /proc/PID/mem
 def test_persite_semaphores_per_site_and_shared(fixtures, opt):
     path = fixtures.path("persite", opt)
     hits, shared = notes_named(path, "hit"), notes_named(path, "shared")
@@ -148,6 +148,7 @@ def test_library_is_mapped_only_after_load_with_relro_split(fixtures, opt):
         assert read_mem(target.pid, semaphore, 2) == COUNTER.pack(0)
 
 
+@pytest.mark.kernel   # writes the program's semaphores through /proc/PID/mem
 def test_library_load_unload_fork(fixtures):
     library = fixtures.path("libsdtsem.so")
     [tick] = readelf_notes(library)
