@@ -13,6 +13,7 @@ which lives in this package) stays cheap.
 """
 from .errors import SdtraceError
 
+__version__ = "0.1.0"   # the one place the version is written; pyproject.toml reads it
 __all__ = ["Event", "Session", "SdtraceError", "read_probes"]
 
 _LAZY = {"Session": ("engine.session", "Session"), "Event": ("engine.events", "Event"),

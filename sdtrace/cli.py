@@ -7,6 +7,7 @@ Modules are imported inside the subcommands so that start-up stays cheap.
 import argparse
 import sys
 
+from . import __version__
 from .errors import SdtraceError
 
 
@@ -52,6 +53,7 @@ def _add_session_options(parser):
 
 def build_parser():
     parser = _Parser(prog="sdtrace", description="Trace USDT (SystemTap SDT) markers.")
+    parser.add_argument("--version", action="version", version=f"sdtrace {__version__}")
     # prog= spares argparse a HelpFormatter at start-up; subcommands are _Parsers too
     commands = parser.add_subparsers(dest="subcommand", metavar="COMMAND", prog="sdtrace")
     commands.required = True
