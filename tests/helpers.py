@@ -184,6 +184,20 @@ def wait_for(condition, timeout=5.0):
     return True
 
 
+def holds_for(condition, seconds):
+    """Whether `condition` stays true for `seconds`, polled; False at its first lapse.
+
+    For what must NOT happen (a second raise, a lost lowering): there is no
+    event to wait for, so the window is watched, and a lapse ends it early.
+    """
+    deadline = time.monotonic() + seconds
+    while condition():
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.01)
+    return False
+
+
 TRACING = "sdtrace: tracing"
 
 

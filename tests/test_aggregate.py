@@ -14,7 +14,6 @@ import os
 import re
 import signal
 import subprocess
-import time
 
 import pytest
 from helpers import SYSTEM_PYTHON as PYTHON
@@ -80,7 +79,6 @@ def test_count_per_probe_pid_tid_comm_in_an_aligned_table(fixtures):
             target.send("request 10")
             workers = {tid for tid, _ns in fixture_lines("\n".join(target.send("threads 2")),
                                                          "pair")}
-            time.sleep(0.3)
         finally:
             counter.send_signal(signal.SIGINT)
             out, err = counter.communicate(timeout=60)
@@ -102,27 +100,38 @@ def test_count_per_probe_pid_tid_comm_in_an_aligned_table(fixtures):
 
 def test_count_intervals(fixtures):
     with Target(fixtures.path("workload")) as target:
+        # -d bounds the waits below: at worst the count ends, and readline() with it
         counter = subprocess.Popen(
-            sdtrace_command("count", "--json", "--interval", "0.25", "-p",
+            sdtrace_command("count", "--json", "--interval", "0.25", "-d", "60", "-p",
              str(target.pid), "--by", "arg0", "workload:request"),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        streamed = []
+
+        def read_intervals_until(total):
+            """Reads the count's output until its interval rows account for `total` events."""
+            while sum(row["count"] for row in json_rows("".join(streamed))
+                      if "interval" in row) < total:
+                line = counter.stdout.readline()
+                assert line, "the count ended before its intervals reported the requests"
+                streamed.append(line)
         try:
             assert "sdtrace: tracing" in counter.stderr.readline()
             target.send("request 30")
-            time.sleep(1.0)
+            read_intervals_until(30)      # the first burst is reported before the second starts
             target.send("request 60")
-            time.sleep(1.0)
+            read_intervals_until(90)
         finally:
             counter.send_signal(signal.SIGTERM)
-            out, err = counter.communicate(timeout=60)
+            rest, err = counter.communicate(timeout=60)
     assert counter.returncode == 0, err
+    out = "".join(streamed) + rest
     rows = json_rows(out)
     intervals = collections.defaultdict(collections.Counter)
     for row in rows:
         if "interval" in row:
             intervals[row["interval"]][row["arg0"]] += row["count"]
     # the intervals' counts add up to the totals, and no interval mixes the two bursts
-    # (1 s apart): some run of intervals from the start holds exactly the first one
+    # (the second starts once the first is reported): a run of intervals holds the first
     assert sum(intervals.values(), collections.Counter()) == {0: 30, 1: 30, 2: 30}
     running_totals = itertools.accumulate(sum(intervals[moment].values())
                                           for moment in sorted(intervals))

@@ -17,7 +17,7 @@ import subprocess
 import time
 
 import pytest
-from helpers import Target, Tracer, sdtrace_command, summary_counts, wait_for
+from helpers import Target, Tracer, holds_for, sdtrace_command, summary_counts, wait_for
 
 pytestmark = pytest.mark.kernel
 
@@ -53,8 +53,7 @@ def test_running_and_later_processes(fixtures, tmp_path, mode):
                 assert wait_for(lambda: tick_value(after.pid) == 1)
                 assert after.send("fire 2") == ["enabled 1"]
                 before.send("fire 1")
-                time.sleep(0.3)
-                assert tick_value(before.pid) == 1        # rescans never raise twice
+                assert holds_for(lambda: tick_value(before.pid) == 1, 0.3)   # never raised twice
                 events = tracer.stop()
                 assert tick_value(after.pid) == 0
             assert tick_value(before.pid) == 0
@@ -74,8 +73,7 @@ def test_fork_inherits_and_is_lowered(fixtures, tmp_path, mode):
             assert wait_for(lambda: tick_value(parent.pid) == 1)
             [child_line] = parent.send("fork")
             child = int(child_line.split()[1])
-            time.sleep(0.3)
-            assert tick_value(child) == 1 and tick_value(parent.pid) == 1
+            assert holds_for(lambda: tick_value(child) == 1 and tick_value(parent.pid) == 1, 0.3)
             tracer.stop()
             assert wait_for(lambda: tick_value(child) == 0) and tick_value(parent.pid) == 0
             parent.send("exit")

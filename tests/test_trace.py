@@ -14,8 +14,8 @@ import time
 import pytest
 from helpers import LIBJVM, POSTGRES_BIN
 from helpers import SYSTEM_PYTHON as PYTHON
-from helpers import (Target, Tracer, address_of, counter, maps, one_line_error, read_mem,
-                     sdtrace_command, summary_counts, wait_for)
+from helpers import (Target, Tracer, address_of, counter, holds_for, maps, one_line_error,
+                     read_mem, sdtrace_command, summary_counts, wait_for)
 
 from sdtrace.discovery import notes
 
@@ -77,8 +77,7 @@ def test_semaphore_exactly_one_per_process_with_relro_split(fixtures, tmp_path):
                 assert wait_for(lambda: counter(after.pid, library, semaphore) == 1)
                 assert after.send("fire 2") == ["enabled 1"]
                 assert before.send("fire 3") == ["enabled 1"]
-                time.sleep(0.3)
-                assert counter(before.pid, library, semaphore) == 1
+                assert holds_for(lambda: counter(before.pid, library, semaphore) == 1, 0.3)
                 events = tracer.stop()
                 assert counter(after.pid, library, semaphore) == 0
             assert counter(before.pid, library, semaphore) == 0
@@ -143,11 +142,9 @@ def test_two_sessions_share_the_kernel_count_and_return_to_baseline(fixtures, tm
         try:
             assert wait_for(lambda: counter(target.pid, library, semaphore) == 1)
             target.send("fire 1")
-            time.sleep(0.3)
-            first_events = first.stop()
+            first_events = first.stop()        # a stop drains what the rings hold
             assert counter(target.pid, library, semaphore) == 1
             target.send("fire 1")
-            time.sleep(0.3)
             second_events = second.stop()
             assert counter(target.pid, library, semaphore) == 0
         finally:
@@ -227,7 +224,6 @@ def test_sigterm_detaches_and_prints_summary(fixtures, tmp_path):
         tracer = Tracer(tmp_path, f"{library}:semlib:tick")
         try:
             target.send("fire 4")
-            time.sleep(0.3)
             events = tracer.stop(signal.SIGTERM)
         finally:
             tracer.kill()
@@ -351,8 +347,7 @@ def test_postgres_query_start_carries_the_query_text(postgres_server, tmp_path):
     tracer = Tracer(tmp_path, f"{POSTGRES_BIN}/postgres:postgresql:query__start(str)")
     try:
         answers = [postgres_server(sql).stdout.strip() for sql in queries]
-        time.sleep(0.3)
-        events = tracer.stop()
+        events = tracer.stop()             # the hits precede the answers; a stop drains them
     finally:
         tracer.kill()
     assert answers == ["42", "0"]
