@@ -13,7 +13,8 @@ import sys
 import time
 
 import pytest
-from helpers import REPOSITORY, Target, add_demo_hit, address_of, counter, definitions_of, read_mem
+from helpers import (REPOSITORY, Target, add_demo_hit, address_of, counter, definitions_of,
+                     read_mem, wait_for)
 
 from sdtrace.errors import SdtraceError
 from sdtrace.kernel import perf, tracefs
@@ -280,12 +281,8 @@ def test_sigkilled_tracer_leaves_nothing_armed(program):
             assert counter(target.pid, program.path, program.semaphore) == 1
             assert site_byte(target, program) == BREAKPOINT
             tracer.kill()
-            deadline = time.monotonic() + 1.0
-            while time.monotonic() < deadline and (
-                    counter(target.pid, program.path, program.semaphore) or site_byte(target, program) != original):
-                time.sleep(0.01)
-            assert counter(target.pid, program.path, program.semaphore) == 0
-            assert site_byte(target, program) == original
+            assert wait_for(lambda: counter(target.pid, program.path, program.semaphore) == 0
+                            and site_byte(target, program) == original, timeout=1.0)
             assert target.send("fire 0") == ["enabled 0"]
             assert definitions_of(tracer_group)        # the inert definition remains
             tracer.wait()
