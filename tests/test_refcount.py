@@ -19,7 +19,8 @@ import threading
 import time
 
 import pytest
-from helpers import Library, Target, maps, private_copy, set_counter, started_by_us, wait_for
+from helpers import (Library, Target, address_of, holds_for, maps, private_copy, set_counter,
+                     started_by_us, wait_for)
 
 from sdtrace.discovery import notes
 from sdtrace.errors import SdtraceError
@@ -113,7 +114,7 @@ def test_processes_started_after_attach_and_libraries_loaded_later(library, user
         late = users()
         assert wait_for(lambda: library.value(late.pid) == 1)
         assert wait_for(lambda: len(manager.holdings()) == 2)
-        time.sleep(0.3)
+        assert holds_for(lambda: library.value(early.pid) == library.value(late.pid) == 1, 0.3)
         manager.rescan()
         assert [sem(early), sem(late)] == ["sem 1", "sem 1"]
     assert [sem(early), sem(late)] == ["sem 0", "sem 0"]
@@ -128,7 +129,7 @@ def test_fork_child_keeps_the_inherited_increment_and_is_lowered(library, users)
         [line] = parent.send("fork")
         child = int(line.split()[1])
         assert wait_for(lambda: any(h.pid == child for h in manager.holdings()))
-        time.sleep(0.3)
+        assert holds_for(lambda: library.value(parent.pid) == library.value(child) == 1, 0.3)
         manager.rescan()
         assert sem(parent) == "sem 1"       # the child runs the command loop now
         assert library.value(parent.pid) == 1
@@ -220,7 +221,7 @@ def test_processes_sharing_one_memory_are_raised_once(library, sharer, cloned):
                 [line] = parent.send("clone")
             child = int(line.split()[1])
             assert library.value(child) == library.value(parent.pid)   # one memory
-            time.sleep(0.3)
+            assert holds_for(lambda: library.value(parent.pid) == 1, 0.3)
             manager.rescan()
             assert sem(parent) == "sem 1"
             assert len(manager.holdings()) == 1
@@ -276,7 +277,7 @@ def test_dlclose_then_dlopen_is_raised_again(library, users):
             assert sem(user) == "sem none"
             user.send("load")
             assert wait_for(lambda: sem(user) == "sem 1"), "the fresh mapping was not raised"
-        time.sleep(0.3)
+        assert holds_for(lambda: library.value(user.pid) == 1, 0.3)
         manager.rescan()
         assert sem(user) == "sem 1"
         [holding] = manager.holdings()
@@ -412,7 +413,8 @@ def test_processes_that_vanish_are_dropped_silently(library, users):
             killed.stop()
             zombie.process.kill()       # not reaped: /proc/PID stays, its memory is gone
             assert wait_for(lambda: process_state(zombie.pid) == "Z")
-            time.sleep(0.2)
+            seen = len(churned)
+            assert wait_for(lambda: len(churned) >= seen + 3)   # more churn under the manager
         finally:
             manager.stop()
     finally:
