@@ -5,19 +5,9 @@ import subprocess
 
 from helpers import LIBPYTHON
 from helpers import SYSTEM_PYTHON as PYTHON
-from helpers import Target, sdtrace
+from helpers import Target, one_line_error, sdtrace
 
 from sdtrace.discovery import notes
-
-
-def assert_one_line_error(result, *words):
-    assert result.returncode != 0
-    assert result.stdout == ""
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("sdtrace: "), result.stderr
-    assert "Traceback" not in result.stderr
-    for word in words:
-        assert word in lines[0]
 
 
 def json_lines(text):
@@ -74,13 +64,13 @@ def test_list_of_a_running_process(fixtures):
 def test_errors_are_one_line(tmp_path, fixtures):
     text_file = tmp_path / "notes.txt"
     text_file.write_text("not an ELF file, just some words to make it long enough " * 2)
-    assert_one_line_error(sdtrace("list", str(tmp_path / "missing")), "missing", "no such file")
-    assert_one_line_error(sdtrace("list", str(text_file)), "not an ELF file")
-    assert_one_line_error(sdtrace("list", "-p", "999999999"), "999999999", "does not exist")
-    assert_one_line_error(sdtrace("list", fixtures.path("nosdt")), "no SDT notes")
-    assert_one_line_error(sdtrace("list", f"{PYTHON}:python:no_such_probe"), "no probe matches")
-    assert_one_line_error(sdtrace("list", f"{PYTHON}:python:x(bogus)"), "unknown argument type")
-    assert_one_line_error(sdtrace("list", "libno_such_library_anywhere"), "library not found")
+    one_line_error(sdtrace("list", str(tmp_path / "missing")), "missing", "no such file")
+    one_line_error(sdtrace("list", str(text_file)), "not an ELF file")
+    one_line_error(sdtrace("list", "-p", "999999999"), "999999999", "does not exist")
+    one_line_error(sdtrace("list", fixtures.path("nosdt")), "no SDT notes")
+    one_line_error(sdtrace("list", f"{PYTHON}:python:no_such_probe"), "no probe matches")
+    one_line_error(sdtrace("list", f"{PYTHON}:python:x(bogus)"), "unknown argument type")
+    one_line_error(sdtrace("list", "libno_such_library_anywhere"), "library not found")
 
 
 def test_unparsed_operand_is_listed_with_warning(tmp_path):
