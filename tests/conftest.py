@@ -12,6 +12,7 @@ skip.  Under CI=true or SDTRACE_NO_SKIP=1 a skip is a failure: on the machine
 .ci/run prepares, every prerequisite of every test is there.
 """
 import os
+import subprocess
 import warnings
 
 import hypothesis
@@ -22,6 +23,13 @@ from helpers import (OPT_LEVELS, REPOSITORY, UPROBE_EVENTS, FixturePrograms, bui
                      sdtrace_uprobe_events)
 
 from sdtrace.kernel import tracefs
+
+# Tests run a SemaphoreManager in this process: its watcher thread answers the
+# fanotify permission events of the fixture files.  A vforked child that execs
+# such a file waits in exec for that answer while the parent thread, suspended
+# by vfork, still holds the GIL the watcher needs: a deadlock (seen once in
+# test_shared_and_per_site_semaphores).  Plain fork leaves the parent running.
+subprocess._USE_VFORK = False
 
 NO_SKIP = os.environ.get("SDTRACE_NO_SKIP", "") not in ("", "0") or os.environ.get("CI") == "true"
 
