@@ -15,7 +15,7 @@ hand.  From the file we need:
 
 The file is mapped read-only and only the pages that are touched are read, so
 a 30 MB libjvm.so costs the same as a small program.  Every malformed field
-raises ElfError (a SdtraceError) naming the file and the cause; no bounds are
+raises errors.ElfError (path, reason) naming the file and the cause; no bounds are
 trusted.
 """
 import mmap
@@ -23,7 +23,7 @@ import os
 import struct
 from collections import namedtuple
 
-from ..errors import SdtraceError
+from ..errors import ElfError
 
 ELF_MAGIC = b"\x7fELF"
 ELFCLASS32, ELFCLASS64 = 1, 2
@@ -50,10 +50,6 @@ MACHINES = {
 Segment = namedtuple("Segment", "type flags offset vaddr filesz memsz")
 Section = namedtuple("Section", "name type flags addr offset size link entsize")
 Note = namedtuple("Note", "owner type desc")
-
-
-class ElfError(SdtraceError):
-    """The file is not a readable ELF file (or is damaged)."""
 
 
 class _Layouts:
@@ -95,14 +91,14 @@ class ElfFile:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as error:
-            raise ElfError(f"{path}: {error.strerror}") from None
+            raise ElfError(path, error.strerror) from None
         try:
             size = os.fstat(fd).st_size
             if size < 64:
-                raise ElfError(f"{path}: not an ELF file (only {size} bytes)")
+                raise ElfError(path, f"not an ELF file (only {size} bytes)")
             self.data = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
         except OSError as error:
-            raise ElfError(f"{path}: cannot map: {error.strerror}") from None
+            raise ElfError(path, f"cannot map: {error.strerror}") from None
         finally:
             os.close(fd)
         try:
@@ -125,10 +121,10 @@ class ElfFile:
     def _read_header(self):
         data = self.data
         if data[:4] != ELF_MAGIC:
-            raise ElfError(f"{self.path}: not an ELF file")
+            raise ElfError(self.path, "not an ELF file")
         key = (data[4], data[5])
         if key not in _LAYOUTS:
-            raise ElfError(f"{self.path}: unknown ELF class/byte order {key}")
+            raise ElfError(self.path, f"unknown ELF class/byte order {key}")
         self.layout = layout = _LAYOUTS[key]
         self.byteorder = "little" if key[1] == ELFDATA2LSB else "big"   # for int.from_bytes
         (self.type, e_machine, _version, _entry, phoff, shoff, _flags, _ehsize,
@@ -159,24 +155,24 @@ class ElfFile:
         if count == 0 or offset == 0:
             return
         if entry_size < layout.size:
-            raise ElfError(f"{self.path}: {what} entries too small ({entry_size} bytes)")
+            raise ElfError(self.path, f"{what} entries too small ({entry_size} bytes)")
         self._check_range(offset, entry_size * count, f"{what} table")
         for index in range(count):
             yield layout.unpack_from(self.data, offset + index * entry_size)
 
     def _check_range(self, offset, size, what):
         if offset + size > len(self.data):
-            raise ElfError(f"{self.path}: {what} lies beyond the end of the file")
+            raise ElfError(self.path, f"{what} lies beyond the end of the file")
 
     def _string(self, table_offset, table_size, index):
         """The NUL-terminated string at `index` of a string table."""
         self._check_range(table_offset, table_size, "string table")
         if index >= table_size:
-            raise ElfError(f"{self.path}: string index {index} outside its table")
+            raise ElfError(self.path, f"string index {index} outside its table")
         start = table_offset + index
         end = self.data.find(b"\0", start, table_offset + table_size)
         if end < 0:
-            raise ElfError(f"{self.path}: unterminated string in string table")
+            raise ElfError(self.path, "unterminated string in string table")
         return self.data[start:end].decode("utf-8", "replace")
 
     # -- queries ---------------------------------------------------------
@@ -196,7 +192,7 @@ class ElfFile:
     def notes(self, section):
         """The notes of a SHT_NOTE section, as (owner, type, desc bytes)."""
         if section.type != SHT_NOTE:
-            raise ElfError(f"{self.path}: section {section.name} is not a note section")
+            raise ElfError(self.path, f"section {section.name} is not a note section")
         blob = self.section_bytes(section)
         header = self.layout.note_header
         position, end = 0, len(blob)
@@ -207,7 +203,7 @@ class ElfFile:
             desc_start = position + ((namesz + 3) & ~3)
             desc_end = desc_start + descsz
             if desc_end > end:
-                raise ElfError(f"{self.path}: truncated note in {section.name}")
+                raise ElfError(self.path, f"truncated note in {section.name}")
             yield Note(bytes(blob[position:name_end]).rstrip(b"\0"), note_type,
                        blob[desc_start:desc_end])
             position = desc_start + ((descsz + 3) & ~3)

@@ -66,13 +66,13 @@ def read_probes(path):
                 continue
             desc = note.desc
             if len(desc) < 3 * word + 3:
-                raise ElfError(f"{path}: truncated stapsdt note ({len(desc)} bytes)")
+                raise ElfError(path, f"truncated stapsdt note ({len(desc)} bytes)")
             site = address_layout.unpack_from(desc, 0)[0]
             note_base = address_layout.unpack_from(desc, word)[0]
             semaphore_address = address_layout.unpack_from(desc, 2 * word)[0]
             strings = bytes(desc[3 * word:]).split(b"\0")
             if len(strings) < 3:
-                raise ElfError(f"{path}: stapsdt note without provider, name and arguments")
+                raise ElfError(path, "stapsdt note without provider, name and arguments")
             provider, name, args = (s.decode("utf-8", "replace") for s in strings[:3])
             if base_section is not None and note_base:
                 site = (site + base_section.addr - note_base) & ((1 << (8 * word)) - 1)
@@ -86,7 +86,7 @@ def _probes(elf, path, records):
         if site not in site_offsets:
             segment = elf.load_segment(site)
             if segment is None:
-                raise ElfError(f"{path}: probe site 0x{site:x} lies outside every loaded segment")
+                raise ElfError(path, f"probe site 0x{site:x} lies outside every loaded segment")
             site_offsets[site] = site - segment.vaddr + segment.offset
     parsed = [ops.parse_arguments(args, elf.machine) for *_rest, args in records]
     symbols = _rip_symbols(elf, parsed)

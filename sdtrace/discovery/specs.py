@@ -16,7 +16,7 @@ process (``-p``) or command (``-c``) being traced.
 import fnmatch
 from collections import namedtuple
 
-from ..errors import SdtraceError
+from ..errors import BadSpec, ProbeNotFound, SdtraceError
 
 ARGUMENT_TYPES = {"str", "s8", "s16", "s32", "s64", "u8", "u16", "u32", "u64"}
 
@@ -36,18 +36,18 @@ class ProbeSpec(namedtuple("ProbeSpec", "text target provider name types")):
 
 
 def parse_spec(text):
-    """Parse one spec; SdtraceError names the spec and what is wrong with it."""
+    """Parse one spec; BadSpec names the spec and what is wrong with it."""
     body, types = text.strip(), ()
     if not body:
-        raise SdtraceError("empty probe spec")
+        raise BadSpec(text, "empty")
     if body.endswith(")"):
         opening = body.rfind("(")
         if opening < 0:
-            raise SdtraceError(f"bad probe spec {text!r}: ')' without '('")
+            raise BadSpec(text, "')' without '('")
         types = tuple(_argument_type(text, entry) for entry in body[opening + 1:-1].split(","))
         body = body[:opening]
     elif "(" in body:
-        raise SdtraceError(f"bad probe spec {text!r}: '(' without ')'")
+        raise BadSpec(text, "'(' without ')'")
     fields = body.rsplit(":", 2)
     if len(fields) == 1:
         target, provider, name = fields[0], "*", "*"
@@ -56,7 +56,7 @@ def parse_spec(text):
     else:
         target, provider, name = fields
     if target == "" or not provider or not name:
-        raise SdtraceError(f"bad probe spec {text!r}: expected [TARGET:]PROVIDER:NAME[(TYPE,...)]")
+        raise BadSpec(text, "expected [TARGET:]PROVIDER:NAME[(TYPE,...)]")
     return ProbeSpec(text, target, provider, name, types)
 
 
@@ -65,8 +65,8 @@ def _argument_type(text, entry):
     if not entry:
         return None
     if entry not in ARGUMENT_TYPES:
-        raise SdtraceError(f"bad probe spec {text!r}: unknown argument type {entry!r} "
-                           f"(expected one of {', '.join(sorted(ARGUMENT_TYPES))} or empty)")
+        raise BadSpec(text, f"unknown argument type {entry!r} "
+                            f"(expected one of {', '.join(sorted(ARGUMENT_TYPES))} or empty)")
     return entry
 
 
@@ -113,8 +113,9 @@ def select_probes(specs, context_files=()):
         if not found:
             where = files[0] if len(files) == 1 else f"{len(files)} objects"
             if spec.target is not None and not probes_of(files[0]):
-                raise SdtraceError(f"{files[0]}: no SDT notes (.note.stapsdt) in this file")
-            raise SdtraceError(f"no probe matches {spec.text!r} in {where}")
+                raise ProbeNotFound(spec.text, where,
+                                    f"{files[0]}: no SDT notes (.note.stapsdt) in this file")
+            raise ProbeNotFound(spec.text, where)
         for probe, spec in found:
             selected.setdefault((probe.file, probe.offset, probe.provider, probe.name),
                                 (probe, spec))

@@ -18,7 +18,7 @@ import functools
 import os
 import struct
 
-from ..errors import SdtraceError
+from ..errors import NoSuchProcess, SdtraceError
 from .elf import DT_NEEDED, DT_RPATH, DT_RUNPATH, ELF_MAGIC, ElfError, ElfFile
 
 LD_SO_CACHE = "/etc/ld.so.cache"
@@ -119,7 +119,7 @@ def process_objects(pid):
     try:
         mappings = read_maps(pid)   # unreadable: ProcessDenied, an SdtraceError
     except ProcessGone:
-        raise SdtraceError(f"process {pid} does not exist") from None
+        raise NoSuchProcess(pid) from None
     root = _process_root(pid)
     return [root + mapping.path for mapping in mapped_files(mappings).values()
             if not mapping.path.endswith(" (deleted)") and _is_elf(root + mapping.path)]

@@ -35,7 +35,7 @@ import shlex
 import time
 
 from ..discovery import specs
-from ..errors import SdtraceError
+from ..errors import NoSuchProcess, SdtraceError
 from ..kernel import perf, tracefs
 from . import events, fetchargs
 
@@ -173,7 +173,7 @@ class Session:
         try:
             return sorted(int(tid) for tid in os.listdir(f"/proc/{self.pid}/task"))
         except OSError:
-            raise SdtraceError(f"process {self.pid} does not exist") from None
+            raise NoSuchProcess(self.pid) from None
 
     # -- streaming -----------------------------------------------------------
 

@@ -23,7 +23,7 @@ read; an SdtraceError naming the file, suggesting root to non-root users).
 import os
 from typing import NamedTuple, Tuple
 
-from ..errors import SdtraceError
+from ..errors import AccessDenied
 
 PARENT_FIELD = 4                     # /proc/PID/stat fields (1-based)
 STARTTIME_FIELD = 22
@@ -35,7 +35,7 @@ class ProcessGone(Exception):
     """The process (or the memory a descriptor was opened on) no longer exists."""
 
 
-class ProcessDenied(SdtraceError):
+class ProcessDenied(AccessDenied):
     """The process exists but its /proc files (or memory) cannot be read or written."""
 
 
@@ -65,13 +65,13 @@ def read_proc(pid, name):
             return proc_file.read()
     except (FileNotFoundError, ProcessLookupError):
         raise ProcessGone(pid) from None
-    except PermissionError:
+    except PermissionError as error:
         hint = "run as root" if os.geteuid() != 0 else "refused even to root"
         raise ProcessDenied(f"process {pid}: permission denied reading /proc/{pid}/{name} "
-                            f"({hint})") from None
+                            f"({hint})", f"/proc/{pid}/{name}", pid, error.errno) from None
     except OSError as error:
         raise ProcessDenied(f"process {pid}: cannot read /proc/{pid}/{name}: "
-                            f"{error.strerror}") from None
+                            f"{error.strerror}", f"/proc/{pid}/{name}", pid, error.errno) from None
 
 
 def read_stat(pid):

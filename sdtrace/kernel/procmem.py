@@ -54,7 +54,7 @@ class ProcessMemory:
         except (FileNotFoundError, ProcessLookupError):
             raise ProcessGone(pid) from None
         except OSError as error:
-            self._denied(f"cannot open its memory: {error.strerror}")
+            self._denied(f"cannot open its memory: {error.strerror}", error.errno)
         try:
             self.starttime = read_starttime(pid)
             if starttime is not None and self.starttime != starttime:
@@ -63,17 +63,18 @@ class ProcessMemory:
             os.close(self.fd)
             raise
 
-    def _denied(self, cause):
+    def _denied(self, cause, code=None):
         if not os.path.exists(f"/proc/{self.pid}"):
             raise ProcessGone(self.pid)
-        raise ProcessDenied(f"process {self.pid} ({process_name(self.pid)}): {cause}")
+        raise ProcessDenied(f"process {self.pid} ({process_name(self.pid)}): {cause}",
+                            f"/proc/{self.pid}/mem", self.pid, code)
 
     def _failed(self, error, what, address):
         if not alive(self.pid, self.starttime):
             raise ProcessGone(self.pid)
         if error.errno in (errno.EIO, errno.EFAULT):
             raise MappingGone(self.pid)
-        self._denied(f"cannot {what} its memory at 0x{address:x}: {error.strerror}")
+        self._denied(f"cannot {what} its memory at 0x{address:x}: {error.strerror}", error.errno)
 
     def read(self, address, size):
         try:

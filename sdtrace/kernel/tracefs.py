@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence, Tuple
 
-from ..errors import SdtraceError
+from ..errors import KernelRefused, SdtraceError
 from .libc import libc
 from .procfs import alive, read_starttime
 
@@ -172,7 +172,7 @@ class UprobeDefinition:
 def add_uprobe(group: str, event: str, path: str, offset: int,
                ref_ctr_offset: Optional[int] = None, fetchargs: Sequence[str] = (),
                retprobe: bool = False) -> None:
-    """Define one uprobe event GROUP/EVENT; SdtraceError with the kernel's reason if refused."""
+    """Define one uprobe event GROUP/EVENT; KernelRefused with the kernel's reason if refused."""
     add_uprobes([UprobeDefinition(group, event, path, offset, ref_ctr_offset,
                                   tuple(fetchargs), retprobe)])
 
@@ -181,7 +181,7 @@ def add_uprobes(definitions: Iterable[UprobeDefinition]) -> None:
     """Define many uprobe events through one open uprobe_events.
 
     All or nothing: if the kernel refuses one, those this call already added
-    are removed again before SdtraceError is raised.
+    are removed again before KernelRefused is raised.
     """
     definitions = list(definitions)
     lines = [definition.line() for definition in definitions]
@@ -195,15 +195,15 @@ def add_uprobes(definitions: Iterable[UprobeDefinition]) -> None:
             try:
                 os.write(descriptor, line.encode())
             except OSError as error:
-                failure = (f"uprobe {definition.name} at {definition.site}: "
-                           f"{_refusal_reason(definition, line, error)}")
+                failure = KernelRefused(definition.name, definition.path, definition.offset,
+                                        _refusal_reason(definition, line, error), error.errno)
                 break
             added.append(definition)
     finally:
         os.close(descriptor)
     if failure:
         _remove_events([(definition.group, definition.event) for definition in added])
-        raise SdtraceError(failure)
+        raise failure
 
 
 def _check_offsets(definition: UprobeDefinition) -> None:

@@ -25,7 +25,7 @@ A process that unloads a library between our reading its maps and its memory
 import os
 from dataclasses import dataclass
 
-from ..errors import SdtraceError
+from ..errors import NoSuchProcess, SdtraceError
 from ..kernel import procfs, procmem
 from .counters import warn_to_stderr
 
@@ -75,7 +75,7 @@ def audit(pid=None, specs=(), warn=warn_to_stderr):
             states.extend(_audit_process(candidate, specs, targets, probes_cache))
         except procfs.ProcessGone:
             if pid is not None:
-                raise SdtraceError(f"process {pid} does not exist") from None
+                raise NoSuchProcess(pid) from None
         except procfs.ProcessDenied:
             if pid is not None:
                 raise
