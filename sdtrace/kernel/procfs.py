@@ -8,7 +8,10 @@ read; an SdtraceError naming the file, suggesting root to non-root users).
   field 22 of /proc/PID/stat, in clock ticks since boot.  Fields are counted
   after the last ``)``, because the comm (field 2) may hold spaces and
   parentheses; a stat line cut short belongs to a task being reaped.
-  ``alive(pid, starttime)`` says whether that very process still runs.
+  ``alive(pid, starttime)`` says whether that very process still runs: one
+  that has exited but is not reaped yet (a zombie, state Z, or X) keeps its
+  /proc entry and start time, yet it is dead -- unless only its main thread
+  exited (state Z too), which num_threads (field 20) above 1 tells.
 * **What it maps.**  Each line of /proc/PID/maps is a ``Mapping``.  A file is
   named there by (device major, device minor, inode), which
   ``file_identity`` gives for a path or an open descriptor; paths are never
@@ -25,8 +28,9 @@ from typing import NamedTuple, Tuple
 
 from ..errors import AccessDenied
 
-PARENT_FIELD = 4                     # /proc/PID/stat fields (1-based)
-STARTTIME_FIELD = 22
+STATE_FIELD, PARENT_FIELD = 3, 4     # /proc/PID/stat fields (1-based)
+THREADS_FIELD, STARTTIME_FIELD = 20, 22
+DEAD_STATES = (b"Z", b"X")           # exited, not (or being) reaped
 
 FileId = Tuple[int, int, int]        # (device major, device minor, inode)
 
@@ -76,11 +80,17 @@ def read_proc(pid, name):
 
 def read_stat(pid):
     """(parent PID, start time in clock ticks since boot) of process `pid`."""
+    fields = _stat_fields(pid)
+    return int(fields[PARENT_FIELD - 3]), int(fields[STARTTIME_FIELD - 3])
+
+
+def _stat_fields(pid):
+    """The fields of /proc/PID/stat from field 3 (state) on, as bytes."""
     stat = read_proc(pid, "stat")
-    fields = stat[stat.rfind(b")") + 2:].split()   # from field 3 (state) on
+    fields = stat[stat.rfind(b")") + 2:].split()
     if len(fields) < STARTTIME_FIELD - 2:
         raise ProcessGone(pid)   # a stat line without its fields: the task is being reaped
-    return int(fields[PARENT_FIELD - 3]), int(fields[STARTTIME_FIELD - 3])
+    return fields
 
 
 def read_starttime(pid):
@@ -88,11 +98,15 @@ def read_starttime(pid):
 
 
 def alive(pid, starttime):
-    """Whether the process that started at `starttime` still has PID `pid`."""
+    """Whether the process that started at `starttime` still has PID `pid` and has not
+    exited (a zombie is dead)."""
     try:
-        return read_starttime(pid) == starttime
+        fields = _stat_fields(pid)
     except (ProcessGone, ProcessDenied):
         return False
+    return (int(fields[STARTTIME_FIELD - 3]) == starttime
+            and (fields[STATE_FIELD - 3] not in DEAD_STATES
+                 or int(fields[THREADS_FIELD - 3]) > 1))
 
 
 def descends_from(pid, ancestor):
