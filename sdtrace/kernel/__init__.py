@@ -3,6 +3,6 @@
 libc (syscalls ctypes reaches), procfs (who a process is and what it maps),
 procmem (one process's memory), procwatch (fork/exec/exit and file-open
 events), tracefs (uprobe definitions), perf (perf_event_open and its rings),
-features (what this kernel can do).  Every other layer may import it; it
-imports none of them.
+bpf (the bpf() system call), features (what this kernel can do), log (the
+library's loggers).  Every other layer may import it; it imports none of them.
 """

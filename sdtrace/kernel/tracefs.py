@@ -18,6 +18,14 @@ ticks (field 22 of /proc/PID/stat, which tells a live owner from a reused
 PID) and a per-process counter.  ``remove_stale()`` deletes the groups whose
 owner is gone and never touches other tools' groups or live sessions.
 
+The definition syntax cannot quote: a PATH holding whitespace is refused
+("path or fetch argument is empty or contains whitespace").  The kernel
+resolves PATH to its inode once, when the line is written, and keeps that
+inode, so such a file is defined through a symlink to it without whitespace,
+``/run/sdtrace/paths/GROUP/NAME-DEV-INODE``, made only after checking that
+it names the same (device, inode) as the path; the group's aliases go with
+its definitions (``remove_group``, ``remove_stale``).
+
 When the kernel refuses a definition, write(2) only says EINVAL or ENOENT;
 the reason is the last entry of ``error_log`` (which we clear first).  One
 refusal leaves no error_log entry: ``validate_ref_ctr_offset`` rejects a site
@@ -39,13 +47,15 @@ import functools
 import itertools
 import os
 import re
+import shutil
 import struct
 import time
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence, Tuple
 
-from ..errors import KernelRefused, SdtraceError
+from ..errors import AccessDenied, KernelRefused, SdtraceError
 from .libc import libc
+from .log import logger
 from .procfs import alive, read_starttime
 
 MOUNT_POINTS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
@@ -55,8 +65,13 @@ _SESSION_GROUP = re.compile(r"sdtrace_(\d+)_(\d+)_(\d+)\Z")
 _DEFINITION_LINE = re.compile(r"[pr]:(\w+)/(\w+) (\S+):0x([0-9a-f]+)(?:\(0x([0-9a-f]+)\))?")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 MAX_NAME_LENGTH = 63          # MAX_EVENT_NAME_LEN (64) includes the NUL
+# symlinks to files whose path holds whitespace, one folder per group; beside the
+# semaphore ledgers (semaphores/counters.RUN_DIR), and like them root's only
+ALIAS_DIR = "/run/sdtrace/paths"
+_WHITESPACE = re.compile(r"\s")
 REMOVE_BUSY_TIMEOUT = 1.0     # seconds to wait for perf fds to go away
 
+_log = logger(__name__)
 _root: Optional[str] = None
 _session_counter = itertools.count()
 
@@ -121,15 +136,24 @@ def remove_stale() -> "list[str]":
         by_group.setdefault(group, []).append((group, event))
     removed = []
     for group, events in sorted(by_group.items()):
-        owner = _SESSION_GROUP.match(group)
-        if owner is None or alive(int(owner[1]), int(owner[2])):
+        if not _owner_is_dead(group):
             continue
         try:
             _remove_events(events)
         except SdtraceError:
             continue
+        _remove_aliases(group)
         removed.append(group)
+    for group in _alias_groups():
+        if group not in by_group and _owner_is_dead(group):
+            _remove_aliases(group)
     return removed
+
+
+def _owner_is_dead(group: str) -> bool:
+    """Whether `group` is a session group whose owner process is gone."""
+    owner = _SESSION_GROUP.match(group)
+    return owner is not None and not alive(int(owner[1]), int(owner[2]))
 
 
 # --- definitions ----------------------------------------------------------------------
@@ -153,17 +177,18 @@ class UprobeDefinition:
     def site(self) -> str:
         return f"{self.path}:{self.offset:#x}"
 
-    def line(self) -> str:
-        """The definition as written to uprobe_events; SdtraceError if it cannot be one."""
+    def line(self, path: Optional[str] = None) -> str:
+        """The definition as written to uprobe_events, naming the file as `path` (an
+        alias of it) if given; SdtraceError if it cannot be one."""
         for kind, name in (("group", self.group), ("event", self.event)):
             if not _IDENTIFIER.match(name) or len(name) > MAX_NAME_LENGTH:
                 raise SdtraceError(f"uprobe {self.name}: {kind} name {name!r} is not a C "
                                    f"identifier of at most {MAX_NAME_LENGTH} characters")
-        words = (self.path,) + tuple(self.fetchargs)
+        words = (path or self.path,) + tuple(self.fetchargs)
         if any(not word or word.split() != [word] for word in words):
             raise SdtraceError(f"uprobe {self.name}: path or fetch argument is empty or "
                                f"contains whitespace: {' '.join(map(repr, words))}")
-        place = self.site
+        place = f"{words[0]}:{self.offset:#x}"
         if self.ref_ctr_offset is not None:
             place += f"({self.ref_ctr_offset:#x})"
         return " ".join((f"{'r' if self.retprobe else 'p'}:{self.name}", place) + words[1:])
@@ -184,7 +209,9 @@ def add_uprobes(definitions: Iterable[UprobeDefinition]) -> None:
     are removed again before KernelRefused is raised.
     """
     definitions = list(definitions)
-    lines = [definition.line() for definition in definitions]
+    paths = {definition.path: _kernel_path(definition.group, definition.path)
+             for definition in definitions}
+    lines = [definition.line(paths[definition.path]) for definition in definitions]
     for definition in definitions:
         _check_offsets(definition)
     _clear_error_log()
@@ -199,11 +226,47 @@ def add_uprobes(definitions: Iterable[UprobeDefinition]) -> None:
                                         _refusal_reason(definition, line, error), error.errno)
                 break
             added.append(definition)
+            _log.debug("defined %s", line)
     finally:
         os.close(descriptor)
     if failure:
         _remove_events([(definition.group, definition.event) for definition in added])
         raise failure
+
+
+def _kernel_path(group: str, path: str) -> str:
+    """`path` if uprobe_events can take it, else a symlink to it under ALIAS_DIR/GROUP."""
+    if not _WHITESPACE.search(path):
+        return path
+    try:
+        status = os.stat(path)
+    except OSError:
+        return path                # refused by line(), naming the path
+    name = f"{_WHITESPACE.sub('_', os.path.basename(path))}-{status.st_dev:x}-{status.st_ino}"
+    alias = os.path.join(ALIAS_DIR, group, name)
+    try:
+        os.makedirs(os.path.dirname(alias), mode=0o700, exist_ok=True)
+        if not os.path.islink(alias):
+            os.symlink(os.path.abspath(path), alias)
+        linked = os.stat(alias)
+    except OSError as error:
+        raise AccessDenied(f"{alias}: cannot make an alias without whitespace of {path}: "
+                           f"{error.strerror}", alias, errno=error.errno) from None
+    if (linked.st_dev, linked.st_ino) != (status.st_dev, status.st_ino):
+        raise SdtraceError(f"{path}: replaced while it was being defined (through {alias})")
+    _log.debug("%s: defined through %s", path, alias)
+    return alias
+
+
+def _alias_groups() -> "list[str]":
+    try:
+        return os.listdir(ALIAS_DIR)
+    except OSError:
+        return []
+
+
+def _remove_aliases(group: str) -> None:
+    shutil.rmtree(os.path.join(ALIAS_DIR, group), ignore_errors=True)
 
 
 def _check_offsets(definition: UprobeDefinition) -> None:
@@ -290,8 +353,9 @@ def _defined_events() -> "list[tuple[str, str]]":
 
 
 def remove_group(group: str) -> None:
-    """Remove every event of `group`; events already gone are fine."""
+    """Remove every event of `group`, and its path aliases; events already gone are fine."""
     _remove_events([entry for entry in _defined_events() if entry[0] == group])
+    _remove_aliases(group)
 
 
 def _remove_events(events: "list[tuple[str, str]]") -> None:
