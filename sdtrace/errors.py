@@ -16,6 +16,8 @@ attributes, and its text is the same one line::
     ProbeNotFound      spec, where                    a spec selects no site
     KernelRefused      uprobe, path, offset, reason,  the kernel refused a uprobe definition
                        errno
+    BpfRefused         what, errno, log               the bpf() system call refused an object
+                                                      (log: the verifier's, for a program)
 
 Attributes that do not apply are None.
 """
@@ -76,3 +78,13 @@ class KernelRefused(SdtraceError):
         super().__init__(f"uprobe {uprobe} at {path}:{offset:#x}: {reason}")
         self.uprobe, self.path, self.offset = uprobe, path, offset
         self.reason, self.errno = reason, errno
+
+
+class BpfRefused(SdtraceError):
+    """The bpf() system call refused `what` ("loading program NAME", "creating map NAME",
+    "attaching ..."), with errno `errno`; `log` is the verifier's log of a refused program
+    load (its last line ends the message), else None."""
+
+    def __init__(self, message, what, errno, log=None):
+        super().__init__(message)
+        self.what, self.errno, self.log = what, errno, log

@@ -1,0 +1,335 @@
+"""The bpf() system call: maps, programs and uprobe_multi links, each owned by an fd.
+
+``bpf(cmd, attr, size)`` takes one ``union bpf_attr``, whose member depends on
+the command.  Each member this module uses is declared below as data
+(``Layout``: field names and struct codes in the kernel's order, padding
+included); fields not given are zero, which is what the kernel requires of
+every field a command does not read.  Pointers in an attr (instructions,
+the license, a log buffer, arrays of offsets) are addresses of ctypes
+buffers that stay alive for the duration of the call.
+
+Every object the kernel creates is an fd, and the fd is its only owner:
+``Map``, ``Program`` and ``UprobeMultiLink`` hold one each and ``close()``
+it.  A link holds its program, which holds the maps its instructions name,
+so closing the link's fd (or dying: the kernel closes a dead process's fds)
+removes the breakpoints and lowers the semaphores the link raised, then
+frees the rest.  Nothing is pinned in bpffs, so nothing outlives the tracer.
+
+The features used, and the kernels that brought them:
+
+* ``BPF_MAP_TYPE_HASH`` and the command set (3.18);
+  ``BPF_MAP_TYPE_PERCPU_ARRAY``: 4.6, a10423b87a7e ("bpf: introduce
+  BPF_MAP_TYPE_PERCPU_ARRAY map"); a per-CPU map's value, as user space
+  reads or writes it, is one 8-byte-aligned slot per *possible* CPU;
+* ``BPF_MAP_TYPE_RINGBUF``: 5.8, 457f44363a88 ("bpf: Implement BPF ring
+  buffer and verifier support for it"); its max_entries is the data size, a
+  power-of-two multiple of the page size;
+* ``BPF_LINK_CREATE`` with ``BPF_TRACE_UPROBE_MULTI``: 6.6, 89ae89f53d20
+  ("bpf: Add multi uprobe link"): one link arms a program on many offsets of
+  one file, each with its own ``ref_ctr_offset`` (the SDT semaphore, raised
+  by the kernel in every process the breakpoint is inserted in) and cookie
+  (0b779b61f651, "bpf: Add cookies support for uprobe_multi link"), for one
+  process or all (b733eeade420, "bpf: Add pid filter support for
+  uprobe_multi link").  The program must be loaded as a kprobe program with
+  that expected attach type.
+
+A refused call raises BpfRefused, one line naming what was refused and the
+errno by name.  A refused program load is retried once with a verifier log
+buffer: the message ends with the log's verdict line, the whole log is on
+the exception (``log``) and under logging.debug.
+"""
+import ctypes
+import errno
+import os
+import struct
+from typing import Iterable, List, Optional, Sequence
+
+from ..errors import BpfRefused
+from .libc import libc, machine, syscall_number
+from .log import logger
+
+log = logger(__name__)
+
+SYSCALL_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280}
+
+# enum bpf_cmd
+BPF_MAP_CREATE = 0
+BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
+BPF_PROG_LOAD = 5
+BPF_LINK_CREATE = 28
+
+# enum bpf_map_type
+BPF_MAP_TYPE_HASH = 1
+BPF_MAP_TYPE_PERCPU_ARRAY = 6
+BPF_MAP_TYPE_RINGBUF = 27
+
+# enum bpf_prog_type, enum bpf_attach_type
+BPF_PROG_TYPE_KPROBE = 2
+BPF_TRACE_UPROBE_MULTI = 48
+
+# map update flags
+BPF_ANY = 0
+BPF_NOEXIST = 1
+BPF_EXIST = 2
+
+OBJECT_NAME_LENGTH = 16        # BPF_OBJ_NAME_LEN, NUL included
+VERIFIER_LOG_BYTES = 1 << 20   # the kernel keeps the log's end when it is longer
+
+
+class Layout:
+    """One member of union bpf_attr, as data: ((field, struct code), ...), padding as
+    (None, "Nx").  pack(**fields) gives its bytes, every field not named zero."""
+
+    def __init__(self, *fields):
+        self.fields = tuple(name for name, _code in fields if name)
+        self.text = {name for name, code in fields if name and code.endswith("s")}
+        self.struct = struct.Struct("<" + "".join(code for _name, code in fields))
+
+    def pack(self, **values) -> bytes:
+        unknown = set(values) - set(self.fields)
+        if unknown:
+            raise TypeError(f"no field {', '.join(sorted(unknown))} in this bpf_attr member")
+        return self.struct.pack(*(values.get(name, b"" if name in self.text else 0)
+                                  for name in self.fields))
+
+
+MAP_CREATE = Layout(("map_type", "I"), ("key_size", "I"), ("value_size", "I"),
+                    ("max_entries", "I"), ("map_flags", "I"), ("inner_map_fd", "I"),
+                    ("numa_node", "I"), ("map_name", f"{OBJECT_NAME_LENGTH}s"))
+MAP_ELEMENT = Layout(("map_fd", "I"), (None, "4x"), ("key", "Q"), ("value", "Q"),
+                     ("flags", "Q"))
+PROG_LOAD = Layout(("prog_type", "I"), ("insn_cnt", "I"), ("insns", "Q"), ("license", "Q"),
+                   ("log_level", "I"), ("log_size", "I"), ("log_buf", "Q"),
+                   ("kern_version", "I"), ("prog_flags", "I"),
+                   ("prog_name", f"{OBJECT_NAME_LENGTH}s"), ("prog_ifindex", "I"),
+                   ("expected_attach_type", "I"))
+LINK_CREATE_UPROBE_MULTI = Layout(("prog_fd", "I"), ("target_fd", "I"), ("attach_type", "I"),
+                                  ("flags", "I"), ("path", "Q"), ("offsets", "Q"),
+                                  ("ref_ctr_offsets", "Q"), ("cookies", "Q"), ("cnt", "I"),
+                                  ("uprobe_flags", "I"), ("pid", "I"), (None, "4x"))
+INSTRUCTION_SIZE = 8
+
+
+def _refused(what: str, code: int, detail: str = "", log_text: Optional[str] = None):
+    name = errno.errorcode.get(code, f"errno {code}")
+    return BpfRefused(f"bpf: {what}: {name} ({os.strerror(code)}){detail}", what, code, log_text)
+
+
+def bpf(command: int, attr: bytes, what: str) -> int:
+    """bpf(`command`, `attr`): its non-negative result, or BpfRefused naming `what`.
+
+    The caller keeps the buffers `attr` points into alive until this returns."""
+    number = syscall_number(SYSCALL_BPF)
+    if number is None:
+        raise BpfRefused(f"bpf: {what}: unsupported machine {machine()!r}", what, None)
+    buffer = ctypes.create_string_buffer(attr, len(attr))
+    result = libc().syscall(ctypes.c_long(number), ctypes.c_long(command), buffer,
+                            ctypes.c_long(len(attr)))
+    if result < 0:
+        raise _refused(what, ctypes.get_errno())
+    return result
+
+
+def _name(text: str) -> bytes:
+    """An object name as the kernel takes it: at most 15 characters of [A-Za-z0-9_.]."""
+    cleaned = "".join(char if char.isalnum() or char in "_." else "_" for char in text)
+    return cleaned.encode("ascii", "replace")[:OBJECT_NAME_LENGTH - 1]
+
+
+def possible_cpus() -> int:
+    """How many CPUs this kernel may ever run (per-CPU map values have one slot each)."""
+    with open("/sys/devices/system/cpu/possible") as file:
+        text = file.read().strip()
+    return max(int(part.split("-")[-1]) for part in text.split(",")) + 1
+
+
+class FdObject:
+    """A kernel object owned by one fd: close() releases it; a context manager."""
+
+    what = "bpf object"
+
+    def __init__(self, fd: int, name: str):
+        self.fd, self.name = fd, name
+
+    def fileno(self) -> int:
+        return self.fd
+
+    @property
+    def closed(self) -> bool:
+        return self.fd < 0
+
+    def close(self) -> None:
+        """Release the object's fd; idempotent."""
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name!r} fd={self.fd}>"
+
+
+class Map(FdObject):
+    """A BPF map: fixed-size keys and values, looked up and updated by bytes."""
+
+    def __init__(self, map_type: int, key_size: int, value_size: int, max_entries: int,
+                 name: str = "", flags: int = 0):
+        fd = bpf(BPF_MAP_CREATE,
+                 MAP_CREATE.pack(map_type=map_type, key_size=key_size, value_size=value_size,
+                                 max_entries=max_entries, map_flags=flags,
+                                 map_name=_name(name)),
+                 f"creating map {name or map_type}")
+        super().__init__(fd, name)
+        self.map_type, self.key_size, self.value_size = map_type, key_size, value_size
+        self.max_entries = max_entries
+        self.per_cpu = map_type == BPF_MAP_TYPE_PERCPU_ARRAY
+        self.slot_size = (value_size + 7) & ~7
+        self.value_bytes = self.slot_size * possible_cpus() if self.per_cpu else value_size
+
+    @classmethod
+    def hash(cls, key_size: int, value_size: int, max_entries: int, name: str = "") -> "Map":
+        return cls(BPF_MAP_TYPE_HASH, key_size, value_size, max_entries, name)
+
+    @classmethod
+    def percpu_array(cls, value_size: int, max_entries: int, name: str = "") -> "Map":
+        """An array of `max_entries` u32-indexed values, one copy per CPU, zero-filled."""
+        return cls(BPF_MAP_TYPE_PERCPU_ARRAY, 4, value_size, max_entries, name)
+
+    @classmethod
+    def ringbuf(cls, size: int, name: str = "") -> "Map":
+        """A BPF ring buffer of `size` data bytes (a power-of-two number of pages)."""
+        return cls(BPF_MAP_TYPE_RINGBUF, 0, 0, size, name)
+
+    def _element(self, command: int, key: bytes, value=None, flags: int = 0,
+                 what: str = "") -> int:
+        if len(key) != self.key_size:
+            raise ValueError(f"map {self.name}: key of {len(key)} bytes, not {self.key_size}")
+        key_buffer = ctypes.create_string_buffer(key, len(key))
+        attr = MAP_ELEMENT.pack(map_fd=self.fd, key=ctypes.addressof(key_buffer),
+                                value=ctypes.addressof(value) if value is not None else 0,
+                                flags=flags)
+        return bpf(command, attr, f"{what} map {self.name}")
+
+    def lookup(self, key: bytes) -> Optional[bytes]:
+        """The value at `key` (per-CPU maps: every CPU's slot, concatenated), None if absent."""
+        value = ctypes.create_string_buffer(self.value_bytes)
+        try:
+            self._element(BPF_MAP_LOOKUP_ELEM, key, value, what="looking up in")
+        except BpfRefused as refused:
+            if refused.errno == errno.ENOENT:
+                return None
+            raise
+        return value.raw
+
+    def lookup_per_cpu(self, key: bytes) -> List[bytes]:
+        """A per-CPU map's value at `key`, one `value_size` bytes per possible CPU."""
+        raw = self.lookup(key)
+        if raw is None:
+            return []
+        return [raw[start:start + self.value_size]
+                for start in range(0, len(raw), self.slot_size)]
+
+    def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
+        if len(value) != self.value_bytes:
+            raise ValueError(f"map {self.name}: value of {len(value)} bytes, "
+                             f"not {self.value_bytes}")
+        buffer = ctypes.create_string_buffer(value, len(value))
+        self._element(BPF_MAP_UPDATE_ELEM, key, buffer, flags, what="updating")
+
+    def delete(self, key: bytes) -> bool:
+        """Remove `key`; whether it was there."""
+        try:
+            self._element(BPF_MAP_DELETE_ELEM, key, what="deleting from")
+        except BpfRefused as refused:
+            if refused.errno == errno.ENOENT:
+                return False
+            raise
+        return True
+
+
+def _verdict(log_text: str) -> str:
+    """The line of a verifier log that says why: the last one before its statistics."""
+    lines = [line for line in log_text.splitlines() if line.strip()]
+    reasons = [line for line in lines
+               if not line.startswith(("processed ", "verification time", "stack depth"))]
+    return reasons[-1].strip() if reasons else ""
+
+
+class Program(FdObject):
+    """A loaded BPF program; `instructions` is its bytecode (8 bytes per slot)."""
+
+    def __init__(self, instructions: bytes, name: str, *,
+                 prog_type: int = BPF_PROG_TYPE_KPROBE, expected_attach_type: int = 0,
+                 license: str = "GPL"):
+        if not instructions or len(instructions) % INSTRUCTION_SIZE:
+            raise ValueError(f"program {name}: {len(instructions)} bytes of instructions")
+        what = f"loading program {name}"
+        code = ctypes.create_string_buffer(instructions, len(instructions))
+        license_text = ctypes.create_string_buffer(license.encode())
+        fields = dict(prog_type=prog_type, insn_cnt=len(instructions) // INSTRUCTION_SIZE,
+                      insns=ctypes.addressof(code), license=ctypes.addressof(license_text),
+                      prog_name=_name(name), expected_attach_type=expected_attach_type)
+        try:
+            fd = bpf(BPF_PROG_LOAD, PROG_LOAD.pack(**fields), what)
+        except BpfRefused as refused:
+            raise self._explained(fields, what, refused.errno) from None
+        super().__init__(fd, name)
+
+    @staticmethod
+    def _explained(fields: dict, what: str, code: int) -> BpfRefused:
+        """The refusal of a load, with the verifier's log of a second attempt
+        (`fields` still point into the caller's live buffers)."""
+        buffer = ctypes.create_string_buffer(VERIFIER_LOG_BYTES)
+        attr = PROG_LOAD.pack(**fields, log_level=1, log_size=VERIFIER_LOG_BYTES,
+                              log_buf=ctypes.addressof(buffer))
+        try:
+            fd = bpf(BPF_PROG_LOAD, attr, what)
+        except BpfRefused as again:
+            code = again.errno
+        else:                       # accepted the second time: report the first refusal
+            os.close(fd)
+        log_text = buffer.value.decode("utf-8", "replace")
+        log.debug("%s: verifier log:\n%s", what, log_text)
+        verdict = _verdict(log_text)
+        return _refused(what, code, f": {verdict}" if verdict else "", log_text)
+
+
+class UprobeMultiLink(FdObject):
+    """`program` armed on `offsets` of the file at `path`, for process `pid` (0: all).
+
+    ref_ctr_offsets (0 where none) name the semaphore the kernel raises with each
+    breakpoint; cookies are what bpf_get_attach_cookie() returns at each offset."""
+
+    def __init__(self, program: Program, path: str, offsets: Sequence[int],
+                 ref_ctr_offsets: Optional[Sequence[int]] = None,
+                 cookies: Optional[Sequence[int]] = None, pid: int = 0):
+        count = len(offsets)
+        for label, values in (("ref_ctr_offsets", ref_ctr_offsets), ("cookies", cookies)):
+            if values is not None and len(values) != count:
+                raise ValueError(f"{label}: {len(values)} values for {count} offsets")
+        path_text = ctypes.create_string_buffer(os.fsencode(path))
+        arrays = [_u64_array(values) for values in (offsets, ref_ctr_offsets, cookies)]
+        attr = LINK_CREATE_UPROBE_MULTI.pack(
+            prog_fd=program.fd, attach_type=BPF_TRACE_UPROBE_MULTI,
+            path=ctypes.addressof(path_text), offsets=ctypes.addressof(arrays[0]),
+            ref_ctr_offsets=ctypes.addressof(arrays[1]) if arrays[1] is not None else 0,
+            cookies=ctypes.addressof(arrays[2]) if arrays[2] is not None else 0, cnt=count,
+            pid=pid)
+        what = f"attaching program {program.name} to {count} offsets of {path}"
+        fd = bpf(BPF_LINK_CREATE, attr, what)
+        super().__init__(fd, program.name)
+        self.path, self.offsets, self.pid = path, tuple(offsets), pid
+
+
+def _u64_array(values: Optional[Iterable[int]]):
+    if values is None:
+        return None
+    values = list(values)
+    return (ctypes.c_uint64 * max(1, len(values)))(*values)
