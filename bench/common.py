@@ -4,7 +4,7 @@ and waiting for a figure to settle.
 The flood benchmarks (count.py, trace.py) drive tests/fixtures/flood.c, as
 built by the test suite, with the tests' own driver: importing this module
 puts tests/ on sys.path, so they import ``Target`` (and ``summary_counts``,
-the parser of sdtrace's summary line) from conftest.  ``[HITS]`` is their
+the parser of sdtrace's summary line) from helpers.  ``[HITS]`` is their
 one argument.
 """
 import os
@@ -30,7 +30,7 @@ def require_flood():
 
 
 def fire(flood, hits):
-    """(hits fired with the semaphore up, loop nanoseconds) of a running flood (a conftest.Target)."""
+    """(hits fired with the semaphore up, loop nanoseconds) of a running flood (a helpers.Target)."""
     reply = flood.send(f"fire {hits}", timeout=600)
     return int(reply[0].split()[1]), int(reply.done)
 

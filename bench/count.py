@@ -37,7 +37,7 @@ import sys
 import time
 
 from common import ENVIRONMENT, FLOOD, HITS, fire, require_flood, settled, untraced_loop
-from conftest import Target, summary_counts  # the fixtures' driver (common put tests/ on the path)
+from helpers import Target, summary_counts  # the fixtures' driver (common put tests/ on the path)
 
 BUFFER_PAGES = 1 << 15          # 128 MiB per CPU: a whole burst of ~100-byte samples
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")

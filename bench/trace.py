@@ -27,7 +27,7 @@ import tempfile
 import time
 
 from common import ENVIRONMENT, FLOOD, HITS, fire, require_flood, settled, untraced_loop
-from conftest import Target, address_of, read_mem, summary_counts  # common put tests/ on the path
+from helpers import Target, address_of, read_mem, summary_counts  # common put tests/ on the path
 
 
 def probe_armed(flood):
