@@ -1,0 +1,393 @@
+"""Sites' operands -> one BPF program per file, and the record layout it writes.
+
+One uprobe_multi link arms one program on every site of a file, so the
+program must know which site it runs for: the link gives each site a
+cookie, its site id, which ``bpf_get_attach_cookie`` returns.  The program
+compares the cookie with the site ids and jumps to the block of code
+generated from that site's operands; sites whose plans are equal (the same
+operands read the same way) share a block.  A block:
+
+1. reserves the site's record on the BPF ring buffer
+   (``bpf_ringbuf_reserve``, size known when generating, as the verifier
+   wants); if the ring is full it increments the per-CPU lost counter
+   atomically and returns, so written + lost = hits, exactly;
+2. fills the header: ``bpf_ktime_get_ns`` (CLOCK_MONOTONIC),
+   ``bpf_get_current_pid_tgid`` (tgid << 32 | tid, stored as one u64 over
+   the tid and pid fields), ``bpf_get_smp_processor_id``, the cookie, and
+   ``bpf_get_current_comm``;
+3. computes each argument from the registers the uprobe saw (the program's
+   context is the thread's ``struct pt_regs``; REGISTERS gives the offsets):
+
+   register   the register, shifted right for %ah..%dh, masked to its size
+   immediate  the constant
+   memory     bpf_probe_read_user of `size` bytes at base + offset
+   sib        the same at base + index * scale + offset, computed here (the
+              tracefs executor cannot fetch these; this one can)
+   rip        the same at ip - note's site address + symbol address: at a
+              uprobe hit, pt_regs->ip is the site's run-time address (the
+              kernel rewinds it past the breakpoint before the handlers run),
+              so the difference is the file's load bias
+   str        the value as a pointer: bpf_probe_read_user_str of at most
+              `string_length` bytes into the record's string area;
+              truncation is detected exactly, by reading the byte after the
+              copied ones when the buffer came back full
+
+   A value that cannot be read (a fault, a vector register, an unparsed
+   operand) sets its bit in ``missing`` and decodes to None, never to a guess;
+4. submits the record (``bpf_ringbuf_submit``).
+
+Registers: R6 holds the context, R7 the cookie, R8 the record and R9 the
+argument being computed; helpers preserve R6-R9.  The helpers come from
+kernels 5.5 (``probe_read_user[_str]``, 6ae08ae3dea2), 5.8 (the ring buffer,
+457f44363a88) and 5.15 (``get_attach_cookie``, 7adfc6c9b315); cookies of
+uprobe_multi links from 6.6 (0b779b61f651).
+
+The record is declared once, as data (HEADER, then one u64 per argument,
+then the string areas), and ``RecordLayout`` serves both this generator
+(the offsets it stores at) and the decoder (the offsets it reads).
+"""
+import struct
+from collections import namedtuple
+
+from ...discovery import operands as ops
+from ...errors import SdtraceError
+from .asm import R0, R1, R2, R3, R6, R7, R8, R9, R10, Assembler
+
+DEFAULT_STRING_LENGTH = 64
+MAX_ARGUMENTS = 32                 # one bit each in `missing` and `truncated`
+
+# struct pt_regs on x86_64 (arch/x86/include/asm/ptrace.h): canonical name -> offset
+_PT_REGS_X86_64 = ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9", "r8", "rax",
+                   "rcx", "rdx", "rsi", "rdi", "orig_rax", "rip", "cs", "eflags", "rsp", "ss")
+REGISTERS = {"x86_64": {name: 8 * index for index, name in enumerate(_PT_REGS_X86_64)}}
+INSTRUCTION_POINTER = {"x86_64": "rip"}
+
+# The record every block writes, in order; each argument is a u64 after it.
+HEADER = (("ts", "Q"),            # bpf_ktime_get_ns
+          ("tid", "I"),           # bpf_get_current_pid_tgid, low half
+          ("pid", "I"),           #   high half
+          ("cpu", "I"),           # bpf_get_smp_processor_id
+          ("site", "I"),          # the cookie: the site id
+          ("comm", "16s"),        # bpf_get_current_comm
+          ("missing", "I"),       # bit i: argument i has no value
+          ("truncated", "I"))     # bit i: string argument i was cut at string_length
+HEADER_STRUCT = struct.Struct("<" + "".join(code for _name, code in HEADER))
+OFFSETS = {}
+_position = 0
+for _name, _code in HEADER:
+    OFFSETS[_name] = _position
+    _position += struct.calcsize("<" + _code)
+del _position, _name, _code
+ARGUMENT_SLOT = struct.Struct("<Q")
+
+Record = namedtuple("Record", "ts pid tid cpu site comm args truncated")
+
+# How one argument is obtained:
+#   kind      an operands kind (REGISTER, IMMEDIATE, MEMORY, SIB, RIP), or None if unavailable
+#   size, signed, is_float   the value read (after a spec's type override)
+#   string    read the value as a pointer to a NUL-terminated string
+#   register, bit_offset, base, index, scale, offset, value   the operand's location;
+#             for RIP, offset is the symbol's address minus the site's (the load bias is
+#             added at run time)
+#   reason    why there is no value (kind None)
+ArgumentPlan = namedtuple("ArgumentPlan", "kind size signed is_float string register bit_offset "
+                                          "base index scale offset value reason",
+                          defaults=(None,) * 13)
+
+_FETCHED = (ops.REGISTER, ops.IMMEDIATE, ops.MEMORY, ops.SIB, ops.RIP)
+_INTEGER_TYPES = {f"{sign}{bits}": (bits // 8, sign == "s")
+                  for sign in "su" for bits in (8, 16, 32, 64)}
+_FLOATS = {4: struct.Struct("<f"), 8: struct.Struct("<d")}
+
+
+def _unavailable(reason):
+    return ArgumentPlan(kind=None, size=8, reason=reason)
+
+
+def plan_argument(operand, site, wanted=None):
+    """The ArgumentPlan of `operand` of `site`; `wanted` is a spec's type ("str", "s32"...)."""
+    registers = REGISTERS.get(site.machine)
+    if registers is None:
+        return _unavailable(f"the BPF executor cannot read {site.machine} operands")
+    if operand.kind not in _FETCHED:
+        return _unavailable(operand.error or f"{operand.kind} register {operand.register} "
+                                             f"cannot be read")
+    if operand.kind == ops.RIP and operand.address is None:
+        return _unavailable(operand.error or "a rip-relative operand without a symbol")
+    used = [name for name in (operand.register, operand.base, operand.index) if name]
+    for name in used:
+        if name not in registers:
+            return _unavailable(f"register {name} is not in pt_regs")
+    size, signed, is_float = operand.size, operand.signed, operand.is_float
+    if wanted in _INTEGER_TYPES:
+        (size, signed), is_float = _INTEGER_TYPES[wanted], False
+    if is_float and size not in _FLOATS:
+        return _unavailable(f"{size}-byte floats are not supported")
+    offset = operand.offset
+    if operand.kind == ops.RIP:
+        offset = operand.address - site.address
+    return ArgumentPlan(kind=operand.kind, size=size, signed=signed, is_float=is_float,
+                        string=wanted == "str", register=operand.register,
+                        bit_offset=operand.bit_offset, base=operand.base, index=operand.index,
+                        scale=operand.scale, offset=offset,
+                        value=operand.value if operand.kind == ops.IMMEDIATE else None)
+
+
+def plan_site(site, types=()):
+    """The ArgumentPlans of every argument of `site`, with a spec's `types` applied.
+
+    An explicit type on an argument that cannot be read is an error naming the
+    file, the probe and the argument; without one the argument is only missing."""
+    if len(types) > len(site.operands):
+        raise SdtraceError(f"{site.qualified_name}: {len(types)} types given but the probe "
+                           f"has {len(site.operands)} arguments")
+    if len(site.operands) > MAX_ARGUMENTS:
+        raise SdtraceError(f"{site.file}: {site.qualified_name}: {len(site.operands)} "
+                           f"arguments, the BPF executor reads at most {MAX_ARGUMENTS}")
+    plans = []
+    for index, operand in enumerate(site.operands):
+        wanted = types[index] if index < len(types) else None
+        plan = plan_argument(operand, site, wanted)
+        if plan.kind is None and wanted:
+            raise SdtraceError(f"{site.file}: {site.qualified_name}: argument {index} "
+                               f"({operand.text!r}) cannot be read as {wanted}: {plan.reason}")
+        plans.append(plan)
+    return tuple(plans)
+
+
+class RecordLayout:
+    """Where a site's record keeps each argument: HEADER, a u64 per argument, then
+    `string_length` + 1 bytes (8-byte aligned) per string argument."""
+
+    def __init__(self, plans, string_length=DEFAULT_STRING_LENGTH):
+        self.plans, self.string_length = tuple(plans), string_length
+        self.arguments = HEADER_STRUCT.size
+        self.strings = {}
+        position = self.arguments + ARGUMENT_SLOT.size * len(self.plans)
+        for index, plan in enumerate(self.plans):
+            if plan.string and plan.kind is not None:
+                self.strings[index] = position
+                position += (string_length + 1 + 7) & ~7
+        self.size = position
+
+    def argument(self, index):
+        """Offset of argument `index`'s u64 (a string's: the copy's length with its NUL)."""
+        return self.arguments + ARGUMENT_SLOT.size * index
+
+    def decode(self, data):
+        """The Record of one ring buffer record of this layout."""
+        ts, tid, pid, cpu, site, comm, missing, truncated = HEADER_STRUCT.unpack_from(data)
+        args = []
+        for index, plan in enumerate(self.plans):
+            if missing >> index & 1:
+                args.append(None)
+                continue
+            raw = ARGUMENT_SLOT.unpack_from(data, self.argument(index))[0]
+            if plan.string:
+                start = self.strings[index]
+                args.append(bytes(data[start:start + raw - 1]).decode("utf-8", "replace"))
+            elif plan.is_float:
+                args.append(_FLOATS[plan.size].unpack(
+                    raw.to_bytes(8, "little")[:plan.size])[0])
+            else:
+                args.append(_integer(raw, plan.size, plan.signed))
+        return Record(ts, pid, tid, cpu, site, comm.split(b"\0", 1)[0].decode("utf-8", "replace"),
+                      args, {index for index in range(len(self.plans)) if truncated >> index & 1})
+
+
+def _integer(raw, size, signed):
+    bits = 8 * size
+    value = raw & ((1 << bits) - 1)
+    if signed and value >> (bits - 1):
+        value -= 1 << bits
+    return value
+
+
+def site_id_of(data):
+    """The site id of a ring buffer record, to pick its layout."""
+    return struct.unpack_from("<I", data, OFFSETS["site"])[0]
+
+
+class _Block:
+    """Emits the code of one record layout into an Assembler."""
+
+    def __init__(self, code, layout, machine, maps, name):
+        self.code, self.layout, self.name = code, layout, name
+        self.registers = REGISTERS[machine]
+        self.ip = self.registers[INSTRUCTION_POINTER[machine]]
+        self.ring_fd, self.lost_fd = maps
+
+    def emit(self):
+        code, layout = self.code, self.layout
+        code.label(self.name)
+        code.load_map(R1, self.ring_fd)
+        code.mov(R2, layout.size)
+        code.mov(R3, 0)
+        code.call("ringbuf_reserve")
+        code.jump("jeq", R0, 0, "lost")
+        code.mov(R8, R0)
+        code.call("ktime_get_ns")
+        code.store(8, R8, OFFSETS["ts"], R0)
+        code.call("get_current_pid_tgid")
+        code.store(8, R8, OFFSETS["tid"], R0)
+        code.call("get_smp_processor_id")
+        code.store(4, R8, OFFSETS["cpu"], R0)
+        code.store(4, R8, OFFSETS["site"], R7)
+        code.mov(R1, R8)
+        code.alu64("add", R1, OFFSETS["comm"])
+        code.mov(R2, 16)
+        code.call("get_current_comm")
+        unavailable = sum(1 << index for index, plan in enumerate(layout.plans)
+                          if plan.kind is None)
+        code.store(4, R8, OFFSETS["missing"], _signed32(unavailable))
+        code.store(4, R8, OFFSETS["truncated"], 0)
+        for index, plan in enumerate(layout.plans):
+            if plan.kind is not None:
+                self.argument(index, plan)
+        code.mov(R1, R8)
+        code.mov(R2, 0)
+        code.call("ringbuf_submit")
+        code.mov(R0, 0)
+        code.exit()
+
+    def _add_constant(self, register, value):
+        if -(1 << 31) <= value < (1 << 31):
+            if value:
+                self.code.alu64("add", register, value)
+        else:
+            self.code.load_imm64(R1, value)
+            self.code.alu64("add", register, R1)
+
+    def _address(self, plan):
+        """R9 = the address of a memory operand."""
+        code = self.code
+        if plan.kind == ops.RIP:
+            code.load(8, R9, R6, self.ip)
+        elif plan.kind == ops.MEMORY:
+            code.load(8, R9, R6, self.registers[plan.base])
+        else:                                       # SIB
+            code.load(8, R9, R6, self.registers[plan.index])
+            if plan.scale > 1:
+                code.alu64("lsh", R9, plan.scale.bit_length() - 1)
+            if plan.base is not None:
+                code.load(8, R1, R6, self.registers[plan.base])
+                code.alu64("add", R9, R1)
+        self._add_constant(R9, plan.offset)
+
+    def _mark(self, field, index):
+        """Sets bit `index` of the header's `field` (missing, truncated)."""
+        code = self.code
+        code.load(4, R1, R8, OFFSETS[field])
+        code.alu32("or", R1, _signed32(1 << index))
+        code.store(4, R8, OFFSETS[field], R1)
+
+    def _read_user(self, index, size, label):
+        """argument `index` = `size` bytes at R9; marks it missing and jumps to `label`
+        if they cannot be read."""
+        code, slot = self.code, self.layout.argument(index)
+        code.store(8, R8, slot, 0)
+        code.mov(R1, R8)
+        code.alu64("add", R1, slot)
+        code.mov(R2, size)
+        code.mov(R3, R9)
+        code.call("probe_read_user")
+        code.jump("jeq", R0, 0, f"{label}_read")
+        self._mark("missing", index)
+        code.goto(label)
+        code.label(f"{label}_read")
+
+    def argument(self, index, plan):
+        code, slot = self.code, self.layout.argument(index)
+        done = f"{self.name}_argument{index}"
+        if plan.kind in (ops.REGISTER, ops.IMMEDIATE):
+            if plan.kind == ops.REGISTER:
+                code.load(8, R9, R6, self.registers[plan.register])
+                if plan.bit_offset:
+                    code.alu64("rsh", R9, plan.bit_offset)
+            else:
+                code.load_imm64(R9, plan.value)
+            if plan.size == 4:
+                code.alu32("mov", R9, R9)
+            elif plan.size < 8:
+                code.alu64("and", R9, (1 << 8 * plan.size) - 1)
+            code.store(8, R8, slot, R9)
+        else:
+            self._address(plan)
+            self._read_user(index, plan.size, done)
+            if plan.string:
+                code.load(8, R9, R8, slot)
+        if plan.string:
+            self._string(index, done)
+        code.label(done)
+
+    def _string(self, index, done):
+        """The NUL-terminated string at R9 into the string area; its length with the NUL
+        in the argument's slot."""
+        code, length = self.code, self.layout.string_length
+        slot, area = self.layout.argument(index), self.layout.strings[index]
+        code.mov(R1, R8)
+        code.alu64("add", R1, area)
+        code.mov(R2, length + 1)
+        code.mov(R3, R9)
+        code.call("probe_read_user_str")
+        code.store(8, R8, slot, R0)
+        code.jump("jsgt", R0, 0, f"{done}_copied")
+        self._mark("missing", index)
+        code.goto(done)
+        code.label(f"{done}_copied")
+        code.jump("jne", R0, length + 1, done)
+        # the buffer is full: truncated unless the byte after the copy is the NUL
+        code.store(8, R10, -8, 0)
+        code.mov(R1, R10)
+        code.alu64("add", R1, -8)
+        code.mov(R2, 1)
+        code.mov(R3, R9)
+        code.alu64("add", R3, length)
+        code.call("probe_read_user")
+        code.load(1, R1, R10, -8)
+        code.jump("jeq", R1, 0, done)
+        self._mark("truncated", index)
+
+
+def _signed32(value):
+    return value - (1 << 32) if value >> 31 else value
+
+
+def generate(sites, ring_fd, lost_fd, string_length=DEFAULT_STRING_LENGTH):
+    """The program for `sites` ({site id: (site, plans)}, one machine), and the record
+    layout of each site id.
+
+    `ring_fd` is the ring buffer map, `lost_fd` a per-CPU array of one u64 counting the
+    records the ring had no room for."""
+    machines = {site.machine for site, _plans in sites.values()}
+    if len(machines) != 1 or not machines <= set(REGISTERS):
+        raise SdtraceError(f"the BPF executor cannot generate code for {sorted(machines)}")
+    [machine] = machines
+    code = Assembler()
+    code.mov(R6, R1)
+    code.call("get_attach_cookie")
+    code.mov(R7, R0)
+    blocks, layouts = {}, {}
+    for site_id, (_site, plans) in sites.items():
+        if plans not in blocks:
+            blocks[plans] = _Block(code, RecordLayout(plans, string_length), machine,
+                                   (ring_fd, lost_fd), f"block{len(blocks)}")
+        layouts[site_id] = blocks[plans].layout
+        code.jump("jeq", R7, site_id, blocks[plans].name)
+    code.mov(R0, 0)
+    code.exit()
+    for block in blocks.values():
+        block.emit()
+    code.label("lost")
+    code.store(4, R10, -4, 0)
+    code.load_map(R1, lost_fd)
+    code.mov(R2, R10)
+    code.alu64("add", R2, -4)
+    code.call("map_lookup_elem")
+    code.jump("jeq", R0, 0, "out")
+    code.mov(R1, 1)
+    code.atomic_add(8, R0, 0, R1)
+    code.label("out")
+    code.mov(R0, 0)
+    code.exit()
+    return code.assemble(), layouts

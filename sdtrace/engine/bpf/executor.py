@@ -1,0 +1,127 @@
+"""Sites armed with BPF: one program and one uprobe_multi link per file, records out.
+
+``BpfExecutor(sites)`` numbers the sites (their ids, in the order given),
+creates the ring buffer every program writes to and the per-CPU counter of
+records it had no room for, then for each file: generates the program of
+its sites (codegen), loads it, and attaches it with one uprobe_multi link
+to every site's offset, with the site ids as cookies and the semaphores'
+file offsets as ref_ctr_offsets, so that the kernel raises each semaphore
+in every process it inserts the breakpoint into, and lowers it when the
+link goes.  The fds are the only owners: closing them, or the tracer's
+death, disarms everything.
+
+A program the verifier refuses is reported in one line naming the probe:
+each site of the file is then loaded alone until the culprit is found
+(the verifier's full log is under logging.debug).
+"""
+from ...errors import BpfRefused, SdtraceError
+from ...kernel.bpf import BPF_TRACE_UPROBE_MULTI, Map, Program, UprobeMultiLink
+from ...kernel.log import logger
+from . import codegen
+from .ringbuf import RingBuffer
+
+log = logger(__name__)
+
+DEFAULT_RING_BYTES = 4 << 20
+
+
+class BpfExecutor:
+    """`sites` (notes.Site, any files) armed for process `pid` (0: every process).
+
+    types: one tuple of spec types per site (or None); read() returns decoded
+    codegen.Records; lost() counts the records the ring had no room for; warnings
+    names the arguments that have no value."""
+
+    def __init__(self, sites, types=None, pid=0, ring_bytes=DEFAULT_RING_BYTES,
+                 string_length=codegen.DEFAULT_STRING_LENGTH):
+        self.sites = list(sites)
+        types = types or [()] * len(self.sites)
+        self.warnings = []
+        self._objects = []
+        try:
+            self._ring = self._own(Map.ringbuf(ring_bytes, "sdtrace_ring"))
+            self._lost = self._own(Map.percpu_array(8, 1, "sdtrace_lost"))
+            plans = {site_id: (site, codegen.plan_site(site, site_types))
+                     for site_id, (site, site_types) in enumerate(zip(self.sites, types))}
+            self._warn(plans)
+            self.layouts = {}
+            for path in dict.fromkeys(site.file for site in self.sites):
+                group = {site_id: entry for site_id, entry in plans.items()
+                         if entry[0].file == path}
+                self._attach(path, group, pid, string_length)
+            self._reader = RingBuffer(self._ring)
+        except BaseException:
+            self.close()
+            raise
+
+    def _own(self, kernel_object):
+        self._objects.append(kernel_object)
+        return kernel_object
+
+    def _warn(self, plans):
+        for site, site_plans in plans.values():
+            for index, plan in enumerate(site_plans):
+                if plan.kind is None:
+                    self.warnings.append(f"{site.file}: {site.qualified_name}: argument {index} "
+                                         f"({site.operands[index].text!r}) is unavailable: "
+                                         f"{plan.reason}")
+
+    def _load(self, group, string_length):
+        code, layouts = codegen.generate(group, self._ring.fd, self._lost.fd, string_length)
+        return Program(code, "sdtrace_usdt", expected_attach_type=BPF_TRACE_UPROBE_MULTI), layouts
+
+    def _attach(self, path, group, pid, string_length):
+        try:
+            program, layouts = self._load(group, string_length)
+        except BpfRefused as refused:
+            raise self._culprit(path, group, string_length, refused) from None
+        self._own(program)
+        self.layouts.update(layouts)
+        sites = [site for site, _plans in group.values()]
+        self._own(UprobeMultiLink(program, path, [site.offset for site in sites],
+                                  [site.semaphore or 0 for site in sites], list(group), pid))
+        log.debug("%s: %d sites armed with one uprobe_multi link (pid %d)", path, len(sites),
+                  pid)
+
+    def _culprit(self, path, group, string_length, refused):
+        """The one-line error naming the first site whose program alone is refused."""
+        for site_id, (site, plans) in group.items():
+            try:
+                program, _layouts = self._load({site_id: (site, plans)}, string_length)
+            except BpfRefused as alone:
+                refused = alone
+                where = f"{site.qualified_name} at {path}:{site.offset:#x}"
+                break
+            program.close()
+        else:
+            where = f"the {len(group)} sites of {path}"
+        return SdtraceError(f"BPF program for {where} refused by the kernel: "
+                            f"{str(refused).split(': ', 2)[-1]}")
+
+    def read(self, timeout=None):
+        """The records written since the last read; waits up to `timeout` s for one."""
+        records = self._reader.take()
+        if not records and (timeout is None or timeout > 0) and self._reader.wait(timeout):
+            records = self._reader.take()
+        layouts = self.layouts
+        return [layouts[codegen.site_id_of(data)].decode(data) for data in records]
+
+    def lost(self):
+        """Records the ring had no room for, summed over the CPUs."""
+        return sum(int.from_bytes(value, "little")
+                   for value in self._lost.lookup_per_cpu(bytes(4)))
+
+    def close(self):
+        """Disarms (the links go first) and frees everything; idempotent."""
+        reader = getattr(self, "_reader", None)
+        if reader is not None:
+            reader.close()
+        for kernel_object in reversed(self._objects):
+            kernel_object.close()
+        self._objects = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
