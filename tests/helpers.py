@@ -67,6 +67,7 @@ PROGRAMS = {
     "flood": (("flood.c", "command_loop.c"), ()),
     "nosdt": (("nosdt.c", "command_loop.c"), ()),
     "workload": (("workload.c", "command_loop.c"), ("-pthread",)),
+    "addressing": (("addressing.c", "command_loop.c"), ()),
 }
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 SET_UP_HINT = "run the README's test set-up (bash .ci/run)"
