@@ -1,0 +1,215 @@
+"""The BPF executor on the real kernel: generated programs, one uprobe_multi link per file.
+
+Expected values come from the traced programs themselves (the fixtures print
+the truth) or from the process's memory (/proc/PID/mem), never from sdtrace.
+"""
+import json
+import logging
+import os
+import struct
+import subprocess
+import sys
+
+import pytest
+from helpers import REPOSITORY, Target, address_of, counter, read_mem, wait_for
+
+from sdtrace.discovery import notes
+from sdtrace.engine import fetchargs
+from sdtrace.engine.bpf import asm, codegen
+from sdtrace.engine.bpf.executor import BpfExecutor
+from sdtrace.engine.bpf.ringbuf import RingBuffer
+from sdtrace.errors import BpfRefused, SdtraceError
+from sdtrace.kernel import bpf
+
+pytestmark = pytest.mark.kernel
+
+BREAKPOINT = b"\xcc"
+STRINGS = {"values:strings": ("str", "str"), "addressing:strings": ("str", "str", "str")}
+
+
+def sites_and_types(path):
+    sites = notes.read_probes(path)
+    return sites, [STRINGS.get(site.qualified_name, ()) for site in sites]
+
+
+def fire_and_read(target, executor, expected):
+    """Fires every probe of `target` once; the `expected` records, and the truth by probe."""
+    target.send("fire 1")
+    records = []
+    assert wait_for(lambda: records.extend(executor.read(timeout=0)) or len(records) >= expected)
+    truth = {line["probe"]: line["args"] for line in map(json.loads, target.send("values"))}
+    return records, truth
+
+
+@pytest.mark.parametrize("name", ["values", "addressing"])
+def test_every_argument_decodes_to_the_truth(fixtures, opt, name):
+    """All sites of a file on one link: each record's arguments are what the program printed,
+    the operands the tracefs executor cannot fetch (base+index*scale) included."""
+    path = fixtures.path(name, opt)
+    sites, types = sites_and_types(path)
+    with Target(path) as target, BpfExecutor(sites, types, pid=target.pid) as executor:
+        assert executor.warnings == []
+        records, truth = fire_and_read(target, executor, len(sites))
+        assert executor.lost() == 0
+    assert [sites[record.site].qualified_name for record in records] == list(truth)
+    for record in records:
+        probe = sites[record.site].qualified_name
+        expected = truth[probe]
+        if probe == "addressing:strings":      # cut at the default 64 bytes, exactly
+            assert [len(text) for text in expected] == [5, 75, 64]
+            expected = [text[:codegen.DEFAULT_STRING_LENGTH] for text in expected]
+            assert record.truncated == {1}, record
+        else:
+            assert record.truncated == set()
+        assert record.args == expected, probe
+        assert (record.pid, record.tid, record.comm) == (target.pid, target.pid, name)
+    if name == "addressing":
+        sib = [site for site in sites if site.name == "sib"][0]
+        assert all(plan.unavailable for plan in fetchargs.plan_probe(sib))
+
+
+def test_strings_are_cut_at_the_length_asked_for(fixtures):
+    path = fixtures.path("addressing")
+    sites, types = sites_and_types(path)
+    with Target(path) as target, BpfExecutor(sites, types, pid=target.pid,
+                                             string_length=5) as executor:
+        records, truth = fire_and_read(target, executor, len(sites))
+    [record] = [record for record in records if sites[record.site].name == "strings"]
+    assert record.args == [text[:5] for text in truth["addressing:strings"]]
+    assert record.truncated == {1, 2}       # "short" is exactly 5 bytes: not cut
+
+
+def test_ip_at_the_hit_is_the_run_time_site_address(fixtures):
+    """pt_regs->ip, as a uprobe_multi program sees it, is the site's address in the process:
+    what rip-relative operands are computed from."""
+    path = fixtures.path("values")
+    sites = notes.read_probes(path)
+    with bpf.Map.ringbuf(4096, "ip_test") as ring:
+        code = asm.Assembler()
+        code.mov(asm.R6, asm.R1)
+        code.load_map(asm.R1, ring.fd)
+        code.mov(asm.R2, 16)
+        code.mov(asm.R3, 0)
+        code.call("ringbuf_reserve")
+        code.jump("jeq", asm.R0, 0, "out")
+        code.mov(asm.R7, asm.R0)
+        code.load(8, asm.R1, asm.R6, codegen.REGISTERS["x86_64"]["rip"])
+        code.store(8, asm.R7, 0, asm.R1)
+        code.mov(asm.R1, asm.R6)
+        code.call("get_attach_cookie")
+        code.store(8, asm.R7, 8, asm.R0)
+        code.mov(asm.R1, asm.R7)
+        code.mov(asm.R2, 0)
+        code.call("ringbuf_submit")
+        code.label("out")
+        code.mov(asm.R0, 0)
+        code.exit()
+        with Target(path) as target, \
+                bpf.Program(code.assemble(), "ip_test",
+                            expected_attach_type=bpf.BPF_TRACE_UPROBE_MULTI) as program, \
+                bpf.UprobeMultiLink(program, path, [site.offset for site in sites],
+                                    [site.semaphore or 0 for site in sites],
+                                    cookies=range(len(sites)), pid=target.pid):
+            reader = RingBuffer(ring)
+            try:
+                target.send("fire 1")
+                seen = dict((cookie, ip) for ip, cookie in
+                            (struct.unpack("<QQ", data) for data in reader.take()))
+            finally:
+                reader.close()
+            assert sorted(seen) == list(range(len(sites)))
+            for cookie, ip in seen.items():
+                assert ip == address_of(target.pid, path, sites[cookie].offset, "r-xp")
+
+
+def test_a_full_ring_counts_every_lost_record(fixtures):
+    """Records the ring had no room for are counted, per CPU, exactly: written + lost = hits."""
+    path = fixtures.path("values")
+    sites, types = sites_and_types(path)
+    rounds = 300
+    with Target(path) as target, BpfExecutor(sites, types, pid=target.pid,
+                                             ring_bytes=4096) as executor:
+        target.send(f"fire {rounds}")
+        written = len(executor.read(timeout=0))
+        lost = executor.lost()
+    assert written > 0 and lost > 0
+    assert written + lost == rounds * len(sites)
+
+
+def test_a_refused_program_is_one_line_naming_the_probe(fixtures, monkeypatch, caplog):
+    """The verifier refuses reading past pt_regs: the error names the first site that reads
+    %rdx (values:signed at -O2), the full verifier log goes to logging.debug."""
+    monkeypatch.setitem(codegen.REGISTERS["x86_64"], "rdx", 4096)
+    path = fixtures.path("values", "O2")
+    sites, types = sites_and_types(path)
+    signed = [site for site in sites if site.name == "signed"][0]
+    with caplog.at_level(logging.DEBUG, logger="sdtrace"), \
+            pytest.raises(SdtraceError) as caught:
+        BpfExecutor(sites, types)
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"BPF program for values:signed at {path}:{signed.offset:#x} "
+                              "refused by the kernel: EACCES"), message
+    assert "invalid bpf_context access off=4096" in message
+    assert any("verifier log" in record.getMessage() and "processed" in record.getMessage()
+               for record in caplog.records)
+
+
+def test_refused_calls_are_one_line_with_the_errno_name():
+    with pytest.raises(BpfRefused) as caught:
+        bpf.Program(asm.SLOT.pack(0x95, 0, 0, 0), "no_r0")
+    assert str(caught.value) == ("bpf: loading program no_r0: EACCES (Permission denied): "
+                                 "R0 !read_ok")
+    assert caught.value.errno == 13 and "processed 1 insns" in caught.value.log
+    with pytest.raises(BpfRefused, match=r"\Abpf: creating map odd: EINVAL \(Invalid argument\)"
+                                         r"\Z"):
+        bpf.Map.ringbuf(4095, "odd")
+
+
+def test_map_lookup_update_delete():
+    with bpf.Map.hash(4, 8, 2, "test_hash") as table:
+        key = struct.pack("<I", 7)
+        assert table.lookup(key) is None
+        table.update(key, struct.pack("<Q", 42))
+        assert table.lookup(key) == struct.pack("<Q", 42)
+        with pytest.raises(BpfRefused, match="EEXIST"):
+            table.update(key, bytes(8), bpf.BPF_NOEXIST)
+        assert table.delete(key) and not table.delete(key)
+    assert table.closed
+    with bpf.Map.percpu_array(8, 1, "test_cpus") as array:
+        assert array.lookup_per_cpu(bytes(4)) == [bytes(8)] * bpf.possible_cpus()
+
+
+ARMED_TRACER = """
+import sys
+from sdtrace.discovery import notes
+from sdtrace.engine.bpf.executor import BpfExecutor
+executor = BpfExecutor(notes.read_probes({path!r}), pid={pid})
+print("armed", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_sigkilled_tracer_leaves_no_breakpoint_and_no_semaphore(fixtures):
+    """The link's fd is the only owner: a SIGKILLed tracer leaves the process as it found it."""
+    path = fixtures.path("values")
+    [guarded] = [site for site in notes.read_probes(path) if site.name == "guarded"]
+    with Target(path) as target:
+        site = address_of(target.pid, path, guarded.offset, "r-xp")
+        original = read_mem(target.pid, site, 1)
+        tracer = subprocess.Popen(
+            [sys.executable, "-c", ARMED_TRACER.format(path=path, pid=target.pid)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env=dict(os.environ, PYTHONPATH=REPOSITORY))
+        try:
+            assert tracer.stdout.readline() == "armed\n"
+            assert read_mem(target.pid, site, 1) == BREAKPOINT
+            assert counter(target.pid, path, guarded.semaphore) == 1
+            assert target.send("fire 1")[0] == "guarded 1"
+            tracer.kill()
+            assert wait_for(lambda: read_mem(target.pid, site, 1) == original
+                            and counter(target.pid, path, guarded.semaphore) == 0)
+            assert target.send("fire 1")[0] == "guarded 0"
+        finally:
+            tracer.kill()
+            tracer.wait()
