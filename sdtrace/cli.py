@@ -149,12 +149,12 @@ def listed_probes(args):
         import shlex
 
         command = shlex.split(args.command)
-    files = context_objects(args.pid, command)
+    objects = context_objects(args.pid, command, warn)
     if not specs:
-        if not files:
+        if not objects:
             raise SdtraceError("nothing to list: give a TARGET, a SPEC, -p PID or -c CMD")
         specs = [parse_spec("*:*")]
-    return [probe for probe, _spec in select_probes(specs, files)]
+    return [site for site, _spec in select_probes(specs, objects)]
 
 
 def warn(message):
@@ -172,6 +172,8 @@ def run_list(args):
                      f"is unavailable: {operand.error}")
         if probe.semaphore_error:
             warn(f"{probe.file}: {probe.qualified_name}: unusable semaphore: {probe.semaphore_error}")
+        if probe.site_error:
+            warn(f"{probe.file}: {probe.qualified_name}: cannot be armed: {probe.site_error}")
     text = output.probe_json_lines(probes) if args.json else output.probe_table(probes) + "\n"
     sys.stdout.write(text)
     return 0

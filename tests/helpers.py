@@ -451,7 +451,7 @@ class Library:
         self.warnings = []
 
     def manager(self, scope=started_by_us, **options):
-        return SemaphoreManager([(self.path, self.offset)], scope, warn=self.warnings.append,
+        return SemaphoreManager([(self.path, self.offset, sys.byteorder)], scope, warn=self.warnings.append,
                                 **options)
 
     def user(self, load=True):

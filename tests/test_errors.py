@@ -40,7 +40,7 @@ def test_elf_error_carries_the_path(tmp_path):
 def test_probe_not_found_carries_the_spec():
     spec = specs.parse_spec("nosuchprovider:nosuchname")
     with pytest.raises(sdtrace.ProbeNotFound) as caught:
-        specs.select_probes([spec], [os.path.realpath(sys.executable)])
+        specs.select_probes([spec], targets.command_objects(os.path.realpath(sys.executable)))
     assert caught.value.spec == "nosuchprovider:nosuchname"
     assert str(caught.value).startswith("no probe matches 'nosuchprovider:nosuchname' in ")
 

@@ -335,7 +335,7 @@ def test_two_managers_add_up_and_return_to_baseline(library, users, first_to_sto
 MANAGER_SCRIPT = """
 import sys, time
 from sdtrace.semaphores.manager import SemaphoreManager
-manager = SemaphoreManager([(sys.argv[1], int(sys.argv[2]))], {int(sys.argv[3])}).start()
+manager = SemaphoreManager([(sys.argv[1], int(sys.argv[2]), sys.byteorder)], {int(sys.argv[3])}).start()
 print(manager._guardian.process.pid, manager._guardian.ledger_path, flush=True)
 time.sleep(600)
 """
@@ -428,7 +428,8 @@ WITHOUT_PTRACE = ("--inh-caps=-sys_ptrace", "--bounding-set=-sys_ptrace")
 UNPRIVILEGED_MANAGER_SCRIPT = """
 import sys
 from sdtrace.semaphores.manager import SemaphoreManager
-manager = SemaphoreManager([(sys.argv[1], int(sys.argv[2]))], set(map(int, sys.argv[3:]))).start()
+manager = SemaphoreManager([(sys.argv[1], int(sys.argv[2]), sys.byteorder)],
+                           set(map(int, sys.argv[3:]))).start()
 print(*sorted(holding.pid for holding in manager.holdings()), flush=True)
 sys.stdin.readline()
 manager.stop()

@@ -13,13 +13,23 @@ hand.  From the file we need:
   symbol tables;
 * the notes themselves, and symbol values on demand.
 
-The file is mapped read-only and only the pages that are touched are read, so
-a 30 MB libjvm.so costs the same as a small program.  Every malformed field
-raises errors.ElfError (path, reason) naming the file and the cause; no bounds are
+The two identification facts are kept on the file (``byteorder``,
+``word_size``) for the layers that read the process's memory or size a bare
+operand: they come from EI_DATA and EI_CLASS, never from the machine name
+(32-bit PowerPC and s390 files share their 64-bit siblings' operand grammar,
+not their word size).
+
+Only regular files are opened: a path is checked before it is opened and its
+descriptor again after, because opening a named pipe waits for a writer and
+opening a device node can act on the device.  The file is then mapped
+read-only and only the pages that are touched are read, so a 30 MB libjvm.so
+costs the same as a small program.  Every malformed field raises
+errors.ElfError (path, reason) naming the file and the cause; no bounds are
 trusted.
 """
 import mmap
 import os
+import stat
 import struct
 from collections import namedtuple
 
@@ -30,7 +40,7 @@ ELFCLASS32, ELFCLASS64 = 1, 2
 ELFDATA2LSB, ELFDATA2MSB = 1, 2
 
 PT_LOAD, PT_INTERP = 1, 3
-PF_W = 2
+PF_X, PF_W = 1, 2
 SHT_SYMTAB, SHT_DYNAMIC, SHT_NOTE, SHT_NOBITS, SHT_DYNSYM = 2, 6, 7, 8, 11
 DT_NULL, DT_NEEDED, DT_RPATH, DT_RUNPATH = 0, 1, 15, 29
 
@@ -46,6 +56,11 @@ MACHINES = {
     22: "s390x",
     243: "riscv64",
 }
+
+# What a path that is not a regular file is, for the error that refuses it.
+FILE_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFIFO: "a named pipe (FIFO)",
+              stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+              stat.S_IFSOCK: "a socket"}
 
 Segment = namedtuple("Segment", "type flags offset vaddr filesz memsz")
 Section = namedtuple("Section", "name type flags addr offset size link entsize")
@@ -83,15 +98,39 @@ _LAYOUTS = {
 }
 
 
+def check_regular_file(path, mode):
+    """Raises ElfError naming what `path` is unless `mode` (st_mode) is a regular file's."""
+    if not stat.S_ISREG(mode):
+        kind = FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        raise ElfError(path, f"is {kind}, not an ELF file")
+
+
+def open_regular_file(path):
+    """A read-only descriptor of the regular file at `path`; ElfError for anything else."""
+    try:
+        check_regular_file(path, os.stat(path).st_mode)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as error:
+        raise ElfError(path, error.strerror) from None
+    try:
+        check_regular_file(path, os.fstat(fd).st_mode)   # replaced since the stat?
+    except ElfError:
+        os.close(fd)
+        raise
+    return fd
+
+
 class ElfFile:
-    """An ELF file mapped read-only.  Use as a context manager or call close()."""
+    """An ELF file mapped read-only.  Use as a context manager or call close().
+
+    byteorder  "little" or "big" (for int.from_bytes), from EI_DATA
+    word_size  4 or 8: the size of an address, from EI_CLASS
+    machine    the operand grammar's name (operands.py), from e_machine
+    """
 
     def __init__(self, path):
         self.path = path
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as error:
-            raise ElfError(path, error.strerror) from None
+        fd = open_regular_file(path)
         try:
             size = os.fstat(fd).st_size
             if size < 64:
@@ -127,6 +166,7 @@ class ElfFile:
             raise ElfError(self.path, f"unknown ELF class/byte order {key}")
         self.layout = layout = _LAYOUTS[key]
         self.byteorder = "little" if key[1] == ELFDATA2LSB else "big"   # for int.from_bytes
+        self.word_size = layout.address.size
         (self.type, e_machine, _version, _entry, phoff, shoff, _flags, _ehsize,
          phentsize, phnum, shentsize, shnum, shstrndx) = layout.header.unpack_from(data, 16)
         self.machine = MACHINES.get(e_machine, f"machine-{e_machine}")

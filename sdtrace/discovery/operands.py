@@ -11,7 +11,9 @@ Operand of kind UNPARSED carrying the reason, never a guessed location.
 
 Mechanism.  The argument string is split on whitespace outside brackets and
 parentheses (aarch64 prints ``-8@[x29, -16]``).  Each spec loses its size
-prefix (a bare operand from old notes gets the machine's word size, unsigned),
+prefix (a bare operand from old notes gets the file's word size, unsigned:
+4 bytes in a 32-bit PowerPC or s390 file although it shares the 64-bit
+grammar; without a word size, the machine's default),
 then its whitespace, and the rest goes to the machine's operand grammar:
 
   x86_64, i386  AT&T: ``$imm``, ``%reg`` (every width; %ah..%dh are bits 8-15),
@@ -446,14 +448,17 @@ def _architecture_name(machine) -> str:
 
 
 @functools.lru_cache(maxsize=4096)   # real files repeat a few hundred distinct specs
-def parse_operand(spec: str, machine: str) -> Operand:
-    """Parse one ``[-]N[f]@OPERAND`` spec for `machine`; never raises."""
+def parse_operand(spec: str, machine: str, word_size: int | None = None) -> Operand:
+    """Parse one ``[-]N[f]@OPERAND`` spec for `machine`; never raises.
+
+    `word_size` (the ELF class's address size) sizes an operand without a
+    size prefix; WORD_SIZES[machine] when None."""
     prefix = re.match(_SIZE_PREFIX, spec[:32])
     if prefix is not None:
         signed, size, is_float = prefix[1] == "-", int(prefix[2]), prefix[3] == "f"
         operand = spec[prefix.end():]
     else:
-        signed, size, is_float = False, WORD_SIZES.get(machine, 0), False
+        signed, size, is_float = False, word_size or WORD_SIZES.get(machine, 0), False
         operand = spec
 
     def unparsed(reason: str, size: int = size) -> Operand:
@@ -480,9 +485,9 @@ def parse_operand(spec: str, machine: str) -> Operand:
 
 
 @functools.lru_cache(maxsize=4096)   # a file's notes repeat their argument strings
-def parse_arguments(text: str, machine: str) -> tuple[Operand, ...]:
+def parse_arguments(text: str, machine: str, word_size: int | None = None) -> tuple[Operand, ...]:
     """Every spec of a note's argument string, in order; never raises."""
-    return tuple(parse_operand(spec, machine) for spec in _split_specs(text))
+    return tuple(parse_operand(spec, machine, word_size) for spec in _split_specs(text))
 
 
 def _offset_text(offset: int) -> str:

@@ -1,19 +1,28 @@
-"""Probe specs -> the probe sites they select.
+"""Probe specs -> the sites they select.
 
-A spec is ``[TARGET:]PROVIDER:NAME[(TYPE,...)]``:
+A spec is ``[TARGET:]PROVIDER:NAME[(TYPE,...)]``, or one of the short forms
+bpftrace users type:
 
-* ``TARGET`` is a path or a library name (see targets.py);
+    FILE                     every probe of FILE
+    FILE:*  FILE:NAME        every probe of FILE / any provider's NAME, when
+                             FILE has a ``/`` or a ``.`` (a provider, a C
+                             identifier, has neither: ``python:*`` is a provider)
+    FILE::NAME               NAME of any provider
+
+* ``TARGET``/``FILE`` is a path, a glob of paths or a library name (see
+  targets.py);
 * ``PROVIDER`` and ``NAME`` are shell globs;
 * the optional ``(TYPE,...)`` list is positional and overrides how arguments
   are read: ``str`` reads a NUL-terminated string at the argument's value,
   ``s8``..``u64`` reinterpret it as an integer of that size, an empty entry
   keeps the note's own type.
 
-A spec of one field is a target and selects all of its probes.  A spec with
-two fields has no target: the probes are searched in the objects of the
-process (``-p``) or command (``-c``) being traced.
+A spec without a target is searched in the objects of the process (``-p``)
+or command (``-c``) being traced (targets.ObjectFile); with them, a target
+also names first what that process maps.
 """
 import fnmatch
+import os
 from collections import namedtuple
 
 from ..errors import BadSpec, ProbeNotFound, SdtraceError
@@ -27,8 +36,8 @@ class ProbeSpec(namedtuple("ProbeSpec", "text target provider name types")):
     type from ARGUMENT_TYPES or None."""
     __slots__ = ()
 
-    def matches(self, probe):
-        return self.matches_name(probe.provider, probe.name)
+    def matches(self, site):
+        return self.matches_name(site.provider, site.name)
 
     def matches_name(self, provider, name):
         return (fnmatch.fnmatchcase(provider, self.provider)
@@ -49,12 +58,16 @@ def parse_spec(text):
     elif "(" in body:
         raise BadSpec(text, "'(' without ')'")
     fields = body.rsplit(":", 2)
-    if len(fields) == 1:
+    if len(fields) == 1:                                    # FILE
         target, provider, name = fields[0], "*", "*"
+    elif len(fields) == 2 and ("/" in fields[0] or "." in fields[0]):
+        target, provider, name = fields[0], "*", fields[1]  # FILE:NAME
     elif len(fields) == 2:
         target, (provider, name) = None, fields
     else:
         target, provider, name = fields
+        if target and not provider:                         # FILE::NAME
+            provider = "*"
     if target == "" or not provider or not name:
         raise BadSpec(text, "expected [TARGET:]PROVIDER:NAME[(TYPE,...)]")
     return ProbeSpec(text, target, provider, name, types)
@@ -70,13 +83,14 @@ def _argument_type(text, entry):
     return entry
 
 
-def context_objects(pid=None, command=None):
-    """The objects that specs without a target are searched in: those mapped by
-    process `pid`, or those the command `command` (an argv list) will map."""
+def context_objects(pid=None, command=None, warn=None):
+    """The objects that specs without a target are searched in (targets.ObjectFile):
+    those mapped by process `pid`, or those the command `command` (an argv list)
+    will map.  `warn` hears of a process's files that cannot be opened."""
     from . import targets
 
     if pid is not None:
-        return targets.process_objects(pid)
+        return targets.process_objects(pid, warn)
     if command is not None:
         if not command:
             raise SdtraceError("-c: empty command")
@@ -84,39 +98,55 @@ def context_objects(pid=None, command=None):
     return ()
 
 
-def select_probes(specs, context_files=()):
-    """[(probe, spec)] for every site that a spec selects, each site once, in order.
+def select_probes(specs, context=()):
+    """[(site, spec)] for every site that a spec selects, each site once, in order.
 
-    `context_files` are the objects searched by specs without a target.  A
-    spec that selects nothing is an error naming the spec and where it looked;
-    a site several specs select keeps the first spec (and its types).
+    `context` holds the targets.ObjectFiles searched by specs without a target
+    (and matched first by a spec's target).  A spec that selects nothing is an
+    error naming the spec and where it looked; a site several specs select
+    keeps the first spec (and its types).
     """
     from . import notes, targets
 
-    cache = {}
+    cache = {}   # path -> ((device, inode), its sites)
 
-    def probes_of(path):
+    def sites_of(path):
         if path not in cache:
-            cache[path] = notes.read_probes(path)
+            sites = notes.read_probes(path)
+            status = os.stat(path)
+            cache[path] = (status.st_dev, status.st_ino), sites
         return cache[path]
 
     selected = {}
     for spec in specs:
         if spec.target is not None:
-            files = [targets.resolve_target(spec.target)]
-        elif context_files:
-            files = list(context_files)
+            files = targets.resolve_target(spec.target, context)
+        elif context:
+            files = [item.path for item in context]
         else:
             raise SdtraceError(f"probe spec {spec.text!r} names no target: "
                                "write TARGET:PROVIDER:NAME or give -p PID / -c CMD")
-        found = [(probe, spec) for path in files for probe in probes_of(path) if spec.matches(probe)]
+        found, noted = [], False
+        for path in files:
+            identity, sites = sites_of(path)
+            noted = noted or bool(sites)
+            found += [(identity, site) for site in sites if spec.matches(site)]
         if not found:
-            where = files[0] if len(files) == 1 else f"{len(files)} objects"
-            if spec.target is not None and not probes_of(files[0]):
-                raise ProbeNotFound(spec.text, where,
-                                    f"{files[0]}: no SDT notes (.note.stapsdt) in this file")
-            raise ProbeNotFound(spec.text, where)
-        for probe, spec in found:
-            selected.setdefault((probe.file, probe.offset, probe.provider, probe.name),
-                                (probe, spec))
+            raise _not_found(spec, files, noted, context)
+        for identity, site in found:   # one file may be named by several paths (symlinks)
+            selected.setdefault((identity, site.offset, site.provider, site.name), (site, spec))
     return list(selected.values())
+
+
+def _not_found(spec, files, noted, context):
+    """The ProbeNotFound for `spec`; when no file searched has notes (`noted`
+    false), it says so: the cause is the files, not the spec."""
+    where = files[0] if len(files) == 1 else f"{len(files)} objects"
+    if noted:
+        return ProbeNotFound(spec.text, where)
+    if len(files) == 1:
+        return ProbeNotFound(spec.text, where,
+                             f"{files[0]}: no SDT notes (.note.stapsdt) in this file")
+    whose = f"of {context[0].owner}" if spec.target is None else f"that {spec.target} names"
+    return ProbeNotFound(spec.text, where, f"no probe matches {spec.text!r}: none of the "
+                                           f"{len(files)} ELF objects {whose} has SDT notes")

@@ -130,7 +130,7 @@ def argument_types(probe, explicit_types=()):
     arguments = providers.lookup(probe.provider, probe.name, len(probe.operands))
     if arguments is None or len(explicit_types) > len(probe.operands):
         return explicit_types
-    pointer_size = ops.WORD_SIZES.get(probe.machine)     # bytes in a pointer
+    pointer_size = probe.word_size     # bytes in a pointer, from the file's ELF class
     types = []
     for index, (operand, documented) in enumerate(zip(probe.operands, arguments.types)):
         wanted = explicit_types[index] if index < len(explicit_types) else None

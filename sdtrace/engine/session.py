@@ -125,11 +125,10 @@ class Session:
         parsed = [specs.parse_spec(text) for text in self.spec_texts]
         if not parsed:
             raise SdtraceError("no probe spec given")
-        selected = specs.select_probes(parsed, specs.context_objects(self.pid, self.command))
-        for probe, _spec in selected:
-            if probe.semaphore_error:
-                raise SdtraceError(f"{probe.file}: {probe.qualified_name}: unusable semaphore: "
-                                   f"{probe.semaphore_error}")
+        selected = specs.select_probes(
+            parsed, specs.context_objects(self.pid, self.command, self.warnings.append))
+        for site, _spec in selected:
+            site.check_armable()
         return selected
 
     def _define(self, selected):

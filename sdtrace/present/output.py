@@ -70,6 +70,7 @@ def _probe_json_line(probe):
         "name": probe.name,
         "offset": probe.offset,
         "address": probe.address,
+        "site_error": probe.site_error,
         "semaphore": probe.semaphore,
         "semaphore_address": probe.semaphore_address or None,
         "semaphore_error": probe.semaphore_error,

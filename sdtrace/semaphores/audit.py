@@ -3,9 +3,10 @@
 What ``dd if=/proc/PID/mem ... | xxd`` shows by hand, for all processes at
 once (``sdtrace semaphores``).  For each process, /proc/PID/maps is read once
 and its files are grouped by (device, inode).  Each file's probes are read
-once per audit (cached by that identity), through /proc/PID/root so that a
-process in another mount namespace is read from its own file system, or
-through /proc/PID/map_files when the path no longer names the mapped file.
+once per audit (cached by that identity), opened as the process sees it
+(targets.mapped_path: the path, /proc/PID/root + the path, or
+/proc/PID/map_files), so that a process in another mount namespace is read
+from its own file system; the sites carry the file's byte order.
 
 For each semaphore of a mapped file:
 
@@ -63,7 +64,7 @@ def audit(pid=None, specs=(), warn=warn_to_stderr):
     for spec in specs:
         if spec.target is not None:
             try:
-                targets.add(procfs.file_identity(resolve_target(spec.target)))
+                targets.update(map(procfs.file_identity, resolve_target(spec.target)))
             except OSError as error:
                 raise SdtraceError(f"{spec.target}: {error.strerror}") from None
     probes_cache = {}
@@ -104,11 +105,11 @@ def _process_states(pid, specs, targets, probes_cache):
             continue
         if file_id not in probes_cache:
             probes_cache[file_id] = _semaphore_probes(pid, first)
-        all_probes, byteorder = probes_cache[file_id]
+        all_probes = probes_cache[file_id]
         probes = [probe for probe in all_probes
                   if not specs or any(spec.matches(probe) for spec in specs)]
         if probes:
-            files.append((file_id, first.path, byteorder, probes, all_probes))
+            files.append((file_id, first.path, probes, all_probes))
     if not files:
         return []
     memory = procmem.ProcessMemory(pid, writable=False)
@@ -122,16 +123,16 @@ def _process_states(pid, specs, targets, probes_cache):
         memory.close()
 
 
-def _file_states(memory, mappings, comm, file_id, path, byteorder, probes, all_probes):
+def _file_states(memory, mappings, comm, file_id, path, probes, all_probes):
     states = []
     rows = {}
     for probe in probes:
         rows.setdefault((probe.semaphore, probe.provider, probe.name), probe)
-    for (semaphore, provider, name), _probe in sorted(rows.items(), key=lambda item: item[0]):
+    for (semaphore, provider, name), site in sorted(rows.items(), key=lambda item: item[0]):
         armed = any(_site_armed(memory, mappings, file_id, site.offset)
                     for site in all_probes if site.semaphore == semaphore)
         for address in procmem.counter_addresses(mappings, file_id, semaphore):
-            value = memory.read_counter(address, byteorder)
+            value = memory.read_counter(address, site.byteorder)
             states.append(SemaphoreState(memory.pid, comm, path, provider, name, semaphore,
                                          address, value, armed, value > 0 and not armed))
     return states
@@ -143,33 +144,16 @@ def _site_armed(memory, mappings, file_id, site_offset):
 
 
 def _semaphore_probes(pid, mapping):
-    """([probes with a usable semaphore], byte order) of the file `mapping` maps.
-
-    ([], None) when the file is not ELF, has no such probe, or cannot be opened."""
-    from ..discovery.elf import ElfFile
+    """The sites with a usable semaphore of the file `mapping` maps (notes.Site
+    records, which carry the file's byte order); [] when the file is not ELF,
+    has no such site, or cannot be opened."""
     from ..discovery.notes import read_probes
+    from ..discovery.targets import mapped_path
 
-    path = _readable_path(pid, mapping)
+    path = mapped_path(pid, mapping)
     if path is None:
-        return [], None
+        return []
     try:
-        probes = [probe for probe in read_probes(path) if probe.semaphore is not None]
-        if not probes:
-            return [], None
-        with ElfFile(path) as elf:
-            return probes, elf.byteorder
+        return [site for site in read_probes(path) if site.semaphore is not None]
     except SdtraceError:  # ElfError included: not an ELF file, or a damaged one
-        return [], None
-
-
-def _readable_path(pid, mapping):
-    """A path that opens the very file `mapping` maps, or None."""
-    candidates = [f"/proc/{pid}/root{mapping.path}",
-                  f"/proc/{pid}/map_files/{mapping.start:x}-{mapping.end:x}"]
-    for candidate in candidates:
-        try:
-            if procfs.file_identity(candidate) == mapping.file_id:
-                return candidate
-        except OSError:
-            continue
-    return None
+        return []

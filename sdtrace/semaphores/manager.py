@@ -56,7 +56,8 @@ class SemaphoreManager:
         ...
         manager.stop()
 
-    `semaphores` are (file path, semaphore file offset) pairs; several sites
+    `semaphores` are (file path, semaphore file offset, byte order) triples, the
+    byte order being the file's (notes.Site.byteorder); several sites
     sharing a counter name it once.  `scope` limits which processes are
     raised: None for all, a collection of PIDs, or a predicate on a PID.
     Fork children of raised processes are always tracked (they hold a copy of
@@ -66,18 +67,14 @@ class SemaphoreManager:
     """
 
     def __init__(self, semaphores, scope=None, *, guardian=True, warn=warn_to_stderr):
-        from ..discovery.elf import ElfFile
-
-        unique, files = {}, {}   # files: path -> (file_id, byte order)
-        for path, offset in semaphores:
+        unique, files = {}, {}   # files: path -> file_id
+        for path, offset, byteorder in semaphores:
             if path not in files:
                 try:
-                    file_id = file_identity(path)
+                    files[path] = file_identity(path)
                 except OSError as error:
                     raise SdtraceError(f"{path}: {error.strerror}") from None
-                with ElfFile(path) as elf:
-                    files[path] = file_id, elf.byteorder
-            file_id, byteorder = files[path]
+            file_id = files[path]
             unique.setdefault((file_id, offset), Semaphore(file_id, offset, path, byteorder))
         self.semaphores = tuple(unique.values())
         self._tokens = {f" {semaphore.file_id[2]} ".encode() for semaphore in self.semaphores}
@@ -104,14 +101,13 @@ class SemaphoreManager:
     def for_probes(cls, probes, scope=None, **options):
         """The manager for the semaphores of `probes` (notes.Site records).
 
-        A probe whose semaphore lies outside every writable segment is refused."""
+        A site that cannot be armed (its semaphore lies outside every writable
+        segment, say) is refused."""
         semaphores = []
-        for probe in probes:
-            if probe.semaphore_error:
-                raise SdtraceError(f"{probe.file}: {probe.qualified_name}: unusable semaphore: "
-                                   f"{probe.semaphore_error}")
-            if probe.semaphore is not None:
-                semaphores.append((probe.file, probe.semaphore))
+        for site in probes:
+            site.check_armable()
+            if site.semaphore is not None:
+                semaphores.append((site.file, site.semaphore, site.byteorder))
         return cls(semaphores, scope, **options)
 
     # -- life cycle ---------------------------------------------------------
