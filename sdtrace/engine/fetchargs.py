@@ -142,11 +142,13 @@ def argument_types(probe, explicit_types=()):
     return tuple(types)
 
 
-def plan_probe(probe, types=()):
+def plan_probe(probe, types=(), planner=plan_argument):
     """ArgumentPlans for every argument of `probe`, with the spec's `types` applied.
 
     An explicit type on an argument that cannot be fetched is an error naming
     the probe, the argument and the cause; without one it is merely unavailable.
+    `planner` is this executor's plan_argument or another's (the BPF executor's),
+    whose plans also say why not in `unavailable`.
     """
     if len(types) > len(probe.operands):
         raise SdtraceError(f"{probe.qualified_name}: {len(types)} types given but the probe has "
@@ -154,7 +156,7 @@ def plan_probe(probe, types=()):
     plans = []
     for index, operand in enumerate(probe.operands):
         wanted = types[index] if index < len(types) else None
-        plan = plan_argument(operand, probe, wanted)
+        plan = planner(operand, probe, wanted)
         if plan.unavailable and wanted:
             raise SdtraceError(f"{probe.file}: {probe.qualified_name}: argument {index} "
                                f"({operand.text!r}) cannot be read as {wanted}: {plan.unavailable}")

@@ -51,6 +51,7 @@ from collections import namedtuple
 
 from ...discovery import operands as ops
 from ...errors import SdtraceError
+from .. import fetchargs
 from .asm import R0, R1, R2, R3, R6, R7, R8, R9, R10, Assembler
 
 DEFAULT_STRING_LENGTH = 64
@@ -89,9 +90,9 @@ Record = namedtuple("Record", "ts pid tid cpu site comm args truncated")
 #   register, bit_offset, base, index, scale, offset, value   the operand's location;
 #             for RIP, offset is the symbol's address minus the site's (the load bias is
 #             added at run time)
-#   reason    why there is no value (kind None)
+#   unavailable  why there is no value (kind None)
 ArgumentPlan = namedtuple("ArgumentPlan", "kind size signed is_float string register bit_offset "
-                                          "base index scale offset value reason",
+                                          "base index scale offset value unavailable",
                           defaults=(None,) * 13)
 
 _FETCHED = (ops.REGISTER, ops.IMMEDIATE, ops.MEMORY, ops.SIB, ops.RIP)
@@ -101,7 +102,7 @@ _FLOATS = {4: struct.Struct("<f"), 8: struct.Struct("<d")}
 
 
 def _unavailable(reason):
-    return ArgumentPlan(kind=None, size=8, reason=reason)
+    return ArgumentPlan(kind=None, size=8, unavailable=reason)
 
 
 def plan_argument(operand, site, wanted=None):
@@ -138,21 +139,10 @@ def plan_site(site, types=()):
 
     An explicit type on an argument that cannot be read is an error naming the
     file, the probe and the argument; without one the argument is only missing."""
-    if len(types) > len(site.operands):
-        raise SdtraceError(f"{site.qualified_name}: {len(types)} types given but the probe "
-                           f"has {len(site.operands)} arguments")
     if len(site.operands) > MAX_ARGUMENTS:
         raise SdtraceError(f"{site.file}: {site.qualified_name}: {len(site.operands)} "
                            f"arguments, the BPF executor reads at most {MAX_ARGUMENTS}")
-    plans = []
-    for index, operand in enumerate(site.operands):
-        wanted = types[index] if index < len(types) else None
-        plan = plan_argument(operand, site, wanted)
-        if plan.kind is None and wanted:
-            raise SdtraceError(f"{site.file}: {site.qualified_name}: argument {index} "
-                               f"({operand.text!r}) cannot be read as {wanted}: {plan.reason}")
-        plans.append(plan)
-    return tuple(plans)
+    return tuple(fetchargs.plan_probe(site, types, plan_argument))
 
 
 class RecordLayout:

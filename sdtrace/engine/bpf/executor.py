@@ -64,7 +64,7 @@ class BpfExecutor:
                 if plan.kind is None:
                     self.warnings.append(f"{site.file}: {site.qualified_name}: argument {index} "
                                          f"({site.operands[index].text!r}) is unavailable: "
-                                         f"{plan.reason}")
+                                         f"{plan.unavailable}")
 
     def _load(self, group, string_length):
         code, layouts = codegen.generate(group, self._ring.fd, self._lost.fd, string_length)
