@@ -155,6 +155,15 @@ def test_a_refused_program_is_one_line_naming_the_probe(fixtures, monkeypatch, c
                for record in caplog.records)
 
 
+def test_an_unarmable_site_is_refused_before_anything_is_armed(fixtures):
+    path = fixtures.path("values")
+    [guarded] = [site for site in notes.read_probes(path) if site.name == "guarded"]
+    broken = guarded._replace(semaphore=None, semaphore_error="a semaphore out of reach")
+    with pytest.raises(SdtraceError, match=f"^{path}: values:guarded: unusable semaphore: "
+                                           "a semaphore out of reach$"):
+        BpfExecutor([broken])
+
+
 def test_refused_calls_are_one_line_with_the_errno_name():
     with pytest.raises(BpfRefused) as caught:
         bpf.Program(asm.SLOT.pack(0x95, 0, 0, 0), "no_r0")

@@ -35,6 +35,8 @@ class BpfExecutor:
     def __init__(self, sites, types=None, pid=0, ring_bytes=DEFAULT_RING_BYTES,
                  string_length=codegen.DEFAULT_STRING_LENGTH):
         self.sites = list(sites)
+        for site in self.sites:
+            site.check_armable()
         types = types or [()] * len(self.sites)
         self.warnings = []
         self._objects = []
