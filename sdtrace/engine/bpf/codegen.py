@@ -73,12 +73,17 @@ HEADER = (("ts", "Q"),            # bpf_ktime_get_ns
           ("missing", "I"),       # bit i: argument i has no value
           ("truncated", "I"))     # bit i: string argument i was cut at string_length
 HEADER_STRUCT = struct.Struct("<" + "".join(code for _name, code in HEADER))
-OFFSETS = {}
-_position = 0
-for _name, _code in HEADER:
-    OFFSETS[_name] = _position
-    _position += struct.calcsize("<" + _code)
-del _position, _name, _code
+
+
+def _offsets(fields):
+    offsets, position = {}, 0
+    for name, code in fields:
+        offsets[name] = position
+        position += struct.calcsize("<" + code)
+    return offsets
+
+
+OFFSETS = _offsets(HEADER)        # field -> its offset in the record
 ARGUMENT_SLOT = struct.Struct("<Q")
 
 Record = namedtuple("Record", "ts pid tid cpu site comm args truncated")
