@@ -68,6 +68,10 @@ PROGRAMS = {
     "nosdt": (("nosdt.c", "command_loop.c"), ()),
     "workload": (("workload.c", "command_loop.c"), ("-pthread",)),
     "addressing": (("addressing.c", "command_loop.c"), ()),
+    "libsdtldpatha.so": (("ldpath_lib.c",), (*SHARED_LIBRARY, "-DLDPATH_OBJECT=a")),
+    "libsdtldpathb.so": (("ldpath_lib.c",), (*SHARED_LIBRARY, "-DLDPATH_OBJECT=b")),
+    # linked from the build directory with -L/-l only: no RPATH, no RUNPATH
+    "ldpath": (("ldpath_main.c", "command_loop.c"), ("-L.", "-lsdtldpatha", "-lsdtldpathb")),
 }
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
 SET_UP_HINT = "run the README's test set-up (bash .ci/run)"
@@ -88,17 +92,21 @@ def fixtures_digest():
 
 
 def compile_programs(opt, directory):
-    """Compiles every program at `opt` into `directory`, all gcc runs in parallel."""
+    """Compiles every program at `opt` into `directory`: the shared libraries first,
+    then the programs (which may link them with -L.), each wave's gcc runs in parallel."""
     if shutil.which("gcc") is None:
         pytest.fail(f"cannot build the C test fixtures: gcc is not installed; {SET_UP_HINT}",
                     pytrace=False)
-    compilers = {
-        output: subprocess.Popen(
-            ["gcc", f"-{opt}", *CFLAGS, "-o", os.path.join(directory, output),
-             *(os.path.join(FIXTURES_DIR, source) for source in sources), *flags],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for output, (sources, flags) in PROGRAMS.items()}
-    results = {output: compiler.communicate()[0] for output, compiler in compilers.items()}
+    compilers, results = {}, {}
+    for wave in (True, False):
+        started = {
+            output: subprocess.Popen(
+                ["gcc", f"-{opt}", *CFLAGS, "-o", os.path.join(directory, output),
+                 *(os.path.join(FIXTURES_DIR, source) for source in sources), *flags],
+                cwd=directory, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for output, (sources, flags) in PROGRAMS.items() if ("-shared" in flags) == wave}
+        results.update({output: compiler.communicate()[0] for output, compiler in started.items()})
+        compilers.update(started)
     for output, messages in results.items():
         if compilers[output].returncode == 0:
             continue

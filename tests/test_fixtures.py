@@ -42,7 +42,11 @@ def test_every_program_speaks_the_protocol(fixtures, opt):
         if name.endswith(".so"):
             continue
         args = [fixtures.path("libsdtsem.so", opt)] if name == "semuser" else []
-        target = Target(fixtures.path(name, opt), *args).start()
+        if name == "ldpath":   # its libraries are found through LD_LIBRARY_PATH only
+            args = [f"LD_LIBRARY_PATH={os.path.dirname(fixtures.path(name, opt))}",
+                    fixtures.path(name, opt)]
+        program = "/usr/bin/env" if name == "ldpath" else fixtures.path(name, opt)
+        target = Target(program, *args).start()
         try:
             assert os.readlink(f"/proc/{target.pid}/exe") == fixtures.path(name, opt)
             with pytest.raises(AssertionError, match="unknown command: bogus 1"):
@@ -50,7 +54,7 @@ def test_every_program_speaks_the_protocol(fixtures, opt):
             assert target.send("exit") == []
         finally:
             assert target.stop() == 0
-        with Target(fixtures.path(name, opt), *args) as target:
+        with Target(program, *args) as target:
             pass
         assert target.process.returncode == 0  # end of input is a clean exit
 
