@@ -54,6 +54,9 @@ def _add_session_options(parser):
 def build_parser():
     parser = _Parser(prog="sdtrace", description="Trace USDT (SystemTap SDT) markers.")
     parser.add_argument("--version", action="version", version=f"sdtrace {__version__}")
+    parser.add_argument("--debug", action="store_true",
+                        help="log what sdtrace decides and does (semaphore mode, uprobe "
+                             "definitions, perf fds, counters, timings) to stderr")
     # prog= spares argparse a HelpFormatter at start-up; subcommands are _Parsers too
     commands = parser.add_subparsers(dest="subcommand", metavar="COMMAND", prog="sdtrace")
     commands.required = True
@@ -136,6 +139,14 @@ def build_parser():
     semaphores.add_argument("--json", action="store_true", help="write JSON lines")
     semaphores.add_argument("specs", nargs="*", metavar="SPEC")
     semaphores.set_defaults(run=run_semaphores)
+
+    info = commands.add_parser(
+        "info", help="what this kernel can do, and what sdtrace would pick",
+        description="Show the kernel release, each kernel feature sdtrace uses (and the "
+                    "release that brought it), the executor and the semaphore mode "
+                    "--semaphores=auto picks, and why.")
+    info.add_argument("--json", action="store_true", help="write one JSON object")
+    info.set_defaults(run=run_info)
     return parser
 
 
@@ -187,7 +198,7 @@ def run_trace(args):
 
     stop = _StopFlag()
     session = Session(args.specs, pid=args.pid, command=args.command,
-                      buffer_pages=args.buffer_pages, semaphores=args.semaphores)
+                      buffer_pages=args.buffer_pages, semaphores=args.semaphores, warn=warn)
     sink = sys.stdout if args.output is None else output.open_output(args.output)
     writer = output.EventWriter(args.json)
     timeline = None
@@ -201,8 +212,6 @@ def run_trace(args):
     try:
         with session:
             armed = True
-            for message in session.warnings:
-                warn(message)
             sys.stderr.write(f"sdtrace: tracing {len(session.sites)} site(s); Ctrl-C to end\n")
             for lines in session.batches(timeline or writer, args.duration,
                                          lambda: stop.requested or written == args.count):
@@ -267,10 +276,8 @@ def _aggregate(args, specs, plan, interval=None, on_interval=None, on_pair=None)
 
     stop = _StopFlag()
     session = Session(specs, pid=args.pid, command=args.command,
-                      buffer_pages=args.buffer_pages, semaphores=args.semaphores)
+                      buffer_pages=args.buffer_pages, semaphores=args.semaphores, warn=warn)
     with session:
-        for message in session.warnings:
-            warn(message)
         aggregator = aggregate.UserSpaceExecutor(session).aggregator(plan, on_pair)
         sys.stderr.write(f"sdtrace: tracing {len(session.sites)} site(s); Ctrl-C to end\n")
         started = time.monotonic()
@@ -370,6 +377,16 @@ def run_cleanup(_args):
     return 0
 
 
+def run_info(args):
+    import json
+
+    from .present import info
+
+    report = info.report()
+    sys.stdout.write(json.dumps(report) + "\n" if args.json else info.text(report))
+    return 0
+
+
 def run_semaphores(args):
     import json
 
@@ -398,8 +415,21 @@ def _check_positive(args):
             raise SdtraceError(f"{option}: must be above 0, not {value}")
 
 
+def _log_to_stderr():
+    """--debug: the library's loggers (kernel/log.py) write to stderr."""
+    import logging
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("sdtrace: debug: %(name)s: %(message)s"))
+    root = logging.getLogger("sdtrace")
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    if args.debug:
+        _log_to_stderr()
     try:
         _check_positive(args)
         return args.run(args)

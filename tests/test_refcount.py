@@ -428,8 +428,10 @@ WITHOUT_PTRACE = ("--inh-caps=-sys_ptrace", "--bounding-set=-sys_ptrace")
 UNPRIVILEGED_MANAGER_SCRIPT = """
 import sys
 from sdtrace.semaphores.manager import SemaphoreManager
+def warn(message):   # the library itself never writes to stderr
+    print(f"sdtrace: warning: {message}", file=sys.stderr)
 manager = SemaphoreManager([(sys.argv[1], int(sys.argv[2]), sys.byteorder)],
-                           set(map(int, sys.argv[3:]))).start()
+                           set(map(int, sys.argv[3:])), warn=warn).start()
 print(*sorted(holding.pid for holding in manager.holdings()), flush=True)
 sys.stdin.readline()
 manager.stop()

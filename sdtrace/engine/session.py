@@ -27,7 +27,14 @@ above) or by sdtrace itself (``"user"``: the uprobes are defined without
 ref_ctr and semaphores.manager.SemaphoreManager raises each counter once per process
 through /proc/PID/mem; a command is then held by ptrace at exec and at each
 library load so the counters are raised before it can test them).  ``"auto"``
-takes the kernel when it supports ref_ctr_offset.
+takes the kernel when it supports ref_ctr_offset (``auto_semaphores()`` says
+which and why, from kernel/features.py).
+
+The library never writes to stderr: every warning (an argument that cannot be
+fetched, a process whose counter cannot be written, ...) is appended to
+``warnings`` and, as it happens, passed to the ``warn`` callback if one was
+given (the CLI prints it).  Decisions and timings are logged at DEBUG on
+this module's logger (kernel/log.py).
 """
 import os
 import re
@@ -37,7 +44,10 @@ import time
 from ..discovery import specs
 from ..errors import NoSuchProcess, SdtraceError
 from ..kernel import perf, tracefs
+from ..kernel.log import logger
 from . import events, fetchargs
+
+_log = logger(__name__)
 
 
 class Session:
@@ -49,7 +59,7 @@ class Session:
     """
 
     def __init__(self, probe_specs, pid=None, command=None, buffer_pages=None,
-                 semaphores="auto"):
+                 semaphores="auto", warn=None):
         if pid is not None and command is not None:
             raise SdtraceError("give a PID or a command, not both")
         if semaphores not in SEMAPHORE_MODES:
@@ -63,7 +73,7 @@ class Session:
             raise SdtraceError("-c: empty command")
         self.buffer_pages = buffer_pages
         self.sites = []
-        self.warnings = []
+        self.warnings = _Warnings(warn)
         self.lost = 0            # samples the rings dropped (exact once finish() ran)
         self.received = 0        # samples read from the rings
         self.child = None        # pid of the command
@@ -87,10 +97,15 @@ class Session:
         self.close()
 
     def start(self):
+        started = time.monotonic()
         tracefs.root()
         tracefs.remove_stale()
         if self.semaphores == "auto":
-            self.semaphores = "kernel" if tracefs.supports_ref_ctr() else "user"
+            self.semaphores, why = auto_semaphores()
+            _log.debug("semaphores: %s, chosen by auto: %s", self.semaphores, why)
+        else:
+            _log.debug("semaphores: %s, as asked", self.semaphores)
+        _log.debug("executor: %s", EXECUTOR)
         selected = self._select()
         user_mode = self.semaphores == "user"
         if self.command is not None:
@@ -102,13 +117,13 @@ class Session:
             from ..kernel import procfs
             from ..semaphores import guardian, manager
 
-            guardian.revert_dead_ledgers()
+            guardian.revert_dead_ledgers(self.warnings.append)
             if self.child is not None:
                 scope = lambda pid: procfs.descends_from(pid, self.child)  # noqa: E731
             else:
                 scope = None if self.pid is None else {self.pid}
             self._manager = manager.SemaphoreManager.for_probes(
-                [probe for probe, _spec in selected], scope=scope)
+                [probe for probe, _spec in selected], scope=scope, warn=self.warnings.append)
         self._define(selected)
         self._arm()
         if self._manager is not None:
@@ -116,6 +131,7 @@ class Session:
         if self._command is not None:
             self._command.release()
             self.warnings.extend(self._command.warnings)
+        _log.debug("attached %d site(s) in %.3f s", len(self.sites), time.monotonic() - started)
 
     def _raise_in(self, pid):
         """User mode: raise the session's counters in process `pid` (and keep them raised)."""
@@ -156,11 +172,14 @@ class Session:
         for site in self.sites:
             event_format = tracefs.event_format(self._group, site.event)
             event_id = tracefs.event_id(self._group, site.event)
+            opened = 0
             for task in owners:
                 sample_ids = self._rings.open(
                     event_id, task, inherit=task != -1, enable_on_exec=self.child is not None,
                     wakeup_events=WAKEUP_EVENTS)
                 self._decoder.add(sample_ids, site, event_format)
+                opened += len(sample_ids)
+            _log.debug("%s/%s: %d perf fd(s) opened", self._group, site.event, opened)
         if self.child is None:
             self._rings.enable()
 
@@ -259,6 +278,7 @@ class Session:
 
     def close(self):
         """Disarm and delete everything this session armed; safe to call twice."""
+        started, armed = time.monotonic(), self._group is not None
         if self._command is not None:
             self._command.terminate()          # a command does not outlive its session
         if self._rings is not None:
@@ -269,10 +289,42 @@ class Session:
         if self._group is not None:
             group, self._group = self._group, None
             tracefs.remove_group(group)
+        if armed:
+            _log.debug("detached in %.3f s", time.monotonic() - started)
 
+
+
+class _Warnings(list):
+    """The session's warnings: each one added is also passed to the `warn` callback."""
+
+    def __init__(self, warn):
+        super().__init__()
+        self._warn = warn
+
+    def append(self, message):
+        super().append(message)
+        if self._warn is not None:
+            self._warn(message)
+
+    def extend(self, messages):
+        for message in messages:
+            self.append(message)
+
+
+def auto_semaphores():
+    """(mode, why): who counts SDT semaphores when "auto" is asked, on this kernel."""
+    from ..kernel import features
+
+    ref_ctr = features.check("tracefs_ref_ctr")
+    if ref_ctr.available:
+        return "kernel", f"the kernel counts them (ref_ctr_offset in tracefs: {ref_ctr.detail})"
+    return "user", (f"the kernel cannot count them ({ref_ctr.detail}): sdtrace writes them "
+                    "through /proc/PID/mem")
 
 
 SEMAPHORE_MODES = ("auto", "kernel", "user")
+# The one executor of this version: uprobes defined in tracefs, read through perf rings.
+EXECUTOR = "tracefs"
 WAKEUP_EVENTS = 64   # samples per ring before poll() wakes us; timeouts pick up the rest
 # Bytes of samples decoded per read_records() (~3,000 samples, ~5 ms): a reader behind
 # a burst goes back to the rings that often, and the backlog absorbs the burst (perf.py).

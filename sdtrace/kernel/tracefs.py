@@ -112,12 +112,6 @@ def _read(*parts: str) -> str:
         raise SdtraceError(f"{path}: {error.strerror}") from None
 
 
-def supports_ref_ctr() -> bool:
-    """Whether the kernel's uprobes can count SDT semaphores (ref_ctr_offset, Linux >= 4.20)."""
-    return ("ref_ctr_offset" in _read("README")
-            or os.path.exists("/sys/bus/event_source/devices/uprobe/format/ref_ctr_offset"))
-
-
 # --- session groups -------------------------------------------------------------------
 
 def new_group() -> str:

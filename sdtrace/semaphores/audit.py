@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 from ..errors import NoSuchProcess, SdtraceError
 from ..kernel import procfs, procmem
-from .counters import warn_to_stderr
+from .counters import log_warning
 
 INT3 = 0xcc
 READ_ATTEMPTS = 2      # per process, when a mapping vanishes while it is read
@@ -52,7 +52,7 @@ class SemaphoreState:
         return f"{self.provider}:{self.name}"
 
 
-def audit(pid=None, specs=(), warn=warn_to_stderr):
+def audit(pid=None, specs=(), warn=log_warning):
     """[SemaphoreState] for process `pid` (all processes if None), filtered by `specs`.
 
     `specs` are specs.ProbeSpec: provider/name globs and optional targets.

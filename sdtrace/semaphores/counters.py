@@ -64,12 +64,14 @@ while it runs, and loses exactly that one when it stops.
 """
 import fcntl
 import os
-import sys
 from dataclasses import dataclass, field
 
 from ..errors import SdtraceError
+from ..kernel.log import logger
 from ..kernel.procfs import FileId, ProcessDenied, ProcessGone, process_name, read_maps
 from ..kernel.procmem import MappingGone, ProcessMemory, counter_addresses
+
+_log = logger(__name__)
 
 RUN_DIR = "/run/sdtrace"
 COUNTER_LOCK = "counters.lock"
@@ -154,6 +156,8 @@ def lower_counter(memory, mappings, holding, count, warn):
                  f"{holding.path}+0x{holding.offset:x} is {value}, less than the {count} this "
                  f"session raised; lowering it to 0 only")
         memory.write_counter(holding.address, holding.byteorder, max(0, value - count))
+        _log.debug("process %d: semaphore at %s+0x%x lowered by %d: %d -> %d", holding.pid,
+                   holding.path, holding.offset, count, value, max(0, value - count))
     except MappingGone:
         return False      # unmapped just now: the increment went with the memory
     return True
@@ -189,7 +193,9 @@ def revert_holdings(holdings, warn):
         lock.close()
 
 
-def warn_to_stderr(message):
-    sys.stderr.write(f"sdtrace: warning: {message}\n")
+def log_warning(message):
+    """The default `warn` of this layer: a warning on its logger, silent unless the
+    program using sdtrace configures logging (the library never writes to stderr)."""
+    _log.warning(message)
 
 

@@ -39,7 +39,7 @@ from dataclasses import asdict
 
 from ..errors import SdtraceError
 from ..kernel.procfs import alive, read_starttime
-from .counters import RUN_DIR, Holding, ensure_run_dir, revert_holdings, warn_to_stderr
+from .counters import RUN_DIR, Holding, ensure_run_dir, log_warning, revert_holdings
 
 LEDGER_PATTERN = "semaphores-*.json"
 DONE = b"done"
@@ -63,7 +63,7 @@ def _from_entry(entry):
 class GuardianLink:
     """The session's end of the guardian: spawns it and keeps it told."""
 
-    def __init__(self, warn=warn_to_stderr):
+    def __init__(self, warn=log_warning):
         ensure_run_dir()
         self._warn = warn
         owner, starttime = os.getpid(), read_starttime(os.getpid())
@@ -139,7 +139,7 @@ def read_ledger(path):
     return record["owner"], record["guardian"], holdings
 
 
-def revert_dead_ledgers(warn=warn_to_stderr):
+def revert_dead_ledgers(warn=log_warning):
     """Reverts the ledgers whose session and guardian are both gone; returns how many.
 
     Each ledger is locked while it is reverted and removed, so two cleanups
@@ -202,9 +202,14 @@ def main(argv):
                     holdings.pop(holding, None)
         write_ledger(ledger_path, owner, guardian, holdings)
     if not finished:
-        revert_holdings(holdings.items(), warn_to_stderr)
+        revert_holdings(holdings.items(), _warn_on_stderr)
     os.unlink(ledger_path)
     return 0
+
+
+def _warn_on_stderr(message):
+    """The guardian is a program of its own: its warnings go to its stderr (the session's)."""
+    sys.stderr.write(f"sdtrace guardian: warning: {message}\n")
 
 
 if __name__ == "__main__":

@@ -14,11 +14,14 @@ from dataclasses import dataclass, replace
 from typing import Optional
 
 from ..errors import SdtraceError
+from ..kernel.log import logger
 from ..kernel.procfs import (ProcessDenied, ProcessGone, file_identity, parse_maps, process_name,
                              read_maps, read_proc, read_starttime, read_stat)
 from ..kernel.procmem import MappingGone, ProcessMemory, counter_addresses
-from .counters import (COUNTER_LIMIT, CounterLock, Holding, Semaphore, lower_counter, maps_hold,
-                       warn_to_stderr)
+from .counters import (COUNTER_LIMIT, CounterLock, Holding, Semaphore, log_warning, lower_counter,
+                       maps_hold)
+
+_log = logger(__name__)
 
 RECHECK_DELAYS = (0.0, 0.002, 0.01, 0.05, 0.2, 1.0, 2.0)   # after an open or an exec
 RECONCILE_INTERVAL = 2.0             # re-read the processes that hold counters
@@ -62,11 +65,11 @@ class SemaphoreManager:
     raised: None for all, a collection of PIDs, or a predicate on a PID.
     Fork children of raised processes are always tracked (they hold a copy of
     the increment).  `guardian=False` skips crash recovery; `warn` receives
-    one-line warnings (default: stderr).  A manager runs one session: start()
+    one-line warnings (default: logged).  A manager runs one session: start()
     once, stop() once.  Needs root.
     """
 
-    def __init__(self, semaphores, scope=None, *, guardian=True, warn=warn_to_stderr):
+    def __init__(self, semaphores, scope=None, *, guardian=True, warn=log_warning):
         unique, files = {}, {}   # files: path -> file_id
         for path, offset, byteorder in semaphores:
             if path not in files:
@@ -275,6 +278,8 @@ class SemaphoreManager:
             return
         since = time.monotonic_ns()
         memory.write_counter(holding.address, holding.byteorder, value + 1)
+        _log.debug("process %d: semaphore at %s+0x%x raised: %d -> %d", holding.pid,
+                   holding.path, holding.offset, value, value + 1)
         self._record(holding, _Count(1, since, time.monotonic_ns(), parent))
 
     def _record(self, holding, counted):
