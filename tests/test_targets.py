@@ -152,6 +152,31 @@ def test_pid_resolves_a_library_name_to_what_the_process_maps(fixtures, tmp_path
                         "libsdtldpathb.so:test:probe")
         try:
             assert target.send("fire 2") == ["enabled a=0 b=1"]
-        finally:
             events = tracer.stop()
+        finally:
+            tracer.kill()
     assert fired(events) == [("b", 0), ("b", 1)]
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("mode", ("kernel", "user"))
+def test_a_deleted_library_is_traced_through_map_files(fixtures, tmp_path, mode):
+    """No path names the file any more: /proc/PID/map_files/START-END still does,
+    for sdtrace and for the kernel."""
+    library = tmp_path / "libsdtsem.so"
+    shutil.copy(fixtures.path("libsdtsem.so"), library)
+    with Target(fixtures.path("semuser"), str(library)) as target:
+        target.send("load")
+        os.unlink(library)
+        listing = sdtrace("list", "--json", "-p", str(target.pid), "semlib:tick")
+        assert listing.returncode == 0, listing.stderr
+        [record] = [json.loads(line) for line in listing.stdout.splitlines()]
+        assert record["file"].startswith(f"/proc/{target.pid}/map_files/")
+        tracer = Tracer(tmp_path, "--semaphores", mode, "-p", str(target.pid), "semlib:tick")
+        try:
+            assert target.send("fire 2") == ["enabled 1"]
+            events = tracer.stop()
+        finally:
+            tracer.kill()
+        assert target.send("sem") == ["sem 0"]
+    assert [event["args"][0] for event in events] == [0, 1]
