@@ -4,11 +4,14 @@ The oracle reads `readelf -n` (the notes) and `readelf -lW` / `readelf -SW`
 (segments and sections) and computes file offsets itself, so a mistake in
 sdtrace's ELF reader cannot also be a mistake in the expected values.
 """
+import json
 import os
 import re
+import subprocess
 
 import pytest
-from helpers import POSTGRES_BIN, REAL_SDT_BINARIES, readelf, readelf_segments
+from helpers import (POSTGRES_BIN, REAL_SDT_BINARIES, one_line_error, readelf, readelf_segments,
+                     sdtrace)
 
 from sdtrace.discovery import notes, operands
 
@@ -119,3 +122,50 @@ def test_rip_operands_resolve_to_symbol_addresses(path):
             assert operand.address == values[operand.symbol] + operand.offset, operand.text
         else:
             assert operand.address is None and operand.error, operand.text
+
+
+# odd:code is an ordinary marker; odd:data's hand-written note puts its site on
+# a data word, in a PT_LOAD segment without PF_X: no breakpoint there would
+# ever be reached.
+NOT_EXECUTABLE_SITE = r"""
+#include <sys/sdt.h>
+int data_word = 1;
+__asm__(".pushsection .note.stapsdt,\"?\",\"note\"\n"
+        ".balign 4\n.4byte 992f-991f, 994f-993f, 3\n991: .asciz \"stapsdt\"\n992: .balign 4\n"
+        "993: .8byte data_word, 0, 0\n.asciz \"odd\"\n.asciz \"data\"\n.asciz \"-4@%edi\"\n"
+        "994: .balign 4\n.popsection\n");
+int main(void) { STAP_PROBE(odd, code); return data_word - 1; }
+"""
+
+
+@pytest.fixture(scope="module")
+def not_executable(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("odd")
+    (directory / "odd.c").write_text(NOT_EXECUTABLE_SITE)
+    subprocess.run(["gcc", "-o", str(directory / "odd"), str(directory / "odd.c")], check=True)
+    return str(directory / "odd")
+
+
+def test_a_site_outside_executable_segments_is_flagged(not_executable):
+    sites = {site.name: site for site in notes.read_probes(not_executable)}
+    assert sites["code"].site_error is None
+    assert "not executable" in sites["data"].site_error
+    [segment] = [s for s in readelf_segments(not_executable) if s.type == "LOAD"
+                 and s.offset <= sites["data"].offset < s.offset + s.filesz]
+    assert "E" not in segment.flags            # readelf agrees: no PF_X there
+
+
+def test_list_warns_of_a_site_that_cannot_be_armed(not_executable):
+    result = sdtrace("list", "--json", not_executable)
+    assert result.returncode == 0, result.stderr
+    records = {record["name"]: record for record in map(json.loads, result.stdout.splitlines())}
+    assert records["code"]["site_error"] is None and "not executable" in records["data"]["site_error"]
+    [warning] = result.stderr.splitlines()
+    assert warning.startswith("sdtrace: warning: ") and not_executable in warning
+    assert "odd:data" in warning and "not executable" in warning
+
+
+@pytest.mark.kernel
+def test_trace_refuses_a_site_that_cannot_be_armed(not_executable):
+    one_line_error(sdtrace("trace", f"{not_executable}:odd:*"),
+                   not_executable, "odd:data", "not executable")
