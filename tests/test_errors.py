@@ -1,12 +1,11 @@
 """The exception classes: the thing at fault as attributes, the same one-line text."""
-import os
-import sys
-
 import pytest
 
 import sdtrace
 from sdtrace.discovery import specs, targets
 from sdtrace.kernel import procfs, tracefs
+
+from helpers import SYSTEM_PYTHON
 
 
 def test_every_class_is_an_sdtrace_error_exported_by_the_package():
@@ -40,9 +39,17 @@ def test_elf_error_carries_the_path(tmp_path):
 def test_probe_not_found_carries_the_spec():
     spec = specs.parse_spec("nosuchprovider:nosuchname")
     with pytest.raises(sdtrace.ProbeNotFound) as caught:
-        specs.select_probes([spec], targets.command_objects(os.path.realpath(sys.executable)))
+        specs.select_probes([spec], targets.command_objects(SYSTEM_PYTHON))
     assert caught.value.spec == "nosuchprovider:nosuchname"
     assert str(caught.value).startswith("no probe matches 'nosuchprovider:nosuchname' in ")
+
+
+def test_probe_not_found_in_objects_without_notes_says_so():
+    spec = specs.parse_spec("nosuchprovider:nosuchname")
+    with pytest.raises(sdtrace.ProbeNotFound) as caught:
+        specs.select_probes([spec], targets.command_objects("/bin/true"))
+    assert caught.value.spec == "nosuchprovider:nosuchname"
+    assert "has SDT notes" in str(caught.value) and "/bin/true" in str(caught.value)
 
 
 def unused_pid():
