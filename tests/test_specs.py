@@ -16,6 +16,14 @@ from sdtrace.errors import SdtraceError
     ("p:n(,str)", None, "p", "n", (None, "str")),
     ("p:n( u8 , s64 )", None, "p", "n", ("u8", "s64")),
     ("libc:*:*", "libc", "*", "*", ()),
+    # the forms bpftrace users type: FILE::NAME, FILE:NAME, FILE:*, a glob of files
+    ("/usr/bin/python3.11::function__entry", "/usr/bin/python3.11", "*", "function__entry", ()),
+    ("/usr/bin/python3.11:*", "/usr/bin/python3.11", "*", "*", ()),
+    ("./a.out:probe(str)", "./a.out", "*", "probe", ("str",)),
+    ("libpython3.11.so.1.0:gc*", "libpython3.11.so.1.0", "*", "gc*", ()),
+    ("/usr/lib/*/libfoo*.so:*:*", "/usr/lib/*/libfoo*.so", "*", "*", ()),
+    ("/usr/lib/*/libfoo*.so", "/usr/lib/*/libfoo*.so", "*", "*", ()),
+    ("libc:memory_*", None, "libc", "memory_*", ()),     # no / nor .: a provider
 ])
 def test_specs(text, target, provider, name, types):
     spec = parse_spec(text)
@@ -29,6 +37,8 @@ def test_specs(text, target, provider, name, types):
     ("p:n(bogus)", "unknown argument type 'bogus'"),
     (":p:n", "expected [TARGET:]PROVIDER:NAME"),
     ("p:", "expected [TARGET:]PROVIDER:NAME"),
+    ("::n", "expected [TARGET:]PROVIDER:NAME"),
+    ("./a.out:", "expected [TARGET:]PROVIDER:NAME"),
 ])
 def test_bad_specs_name_the_spec_and_the_cause(text, words):
     with pytest.raises(SdtraceError) as error:
@@ -48,3 +58,17 @@ def test_any_text_is_a_spec_or_one_clean_error(text):
         return
     assert spec.provider and spec.name
     assert all(kind is None or kind in ARGUMENT_TYPES for kind in spec.types)
+
+
+FILES = st.lists(st.sampled_from(list("ab*?/._-[]") + ["lib", "x.so"]), min_size=1,
+                 max_size=12).map("".join).filter(lambda text: "/" in text)
+GLOBS = st.lists(st.sampled_from(list("ab_*?") + ["[ab]"]), min_size=1, max_size=8).map("".join)
+
+
+@settings(max_examples=300, deadline=None)
+@given(FILES, GLOBS, GLOBS)
+def test_file_forms_name_a_file_and_any_provider(file, provider, name):
+    assert parse_spec(f"{file}::{name}")[1:4] == (file, "*", name)
+    assert parse_spec(f"{file}:{name}")[1:4] == (file, "*", name)
+    assert parse_spec(f"{file}:{provider}:{name}")[1:4] == (file, provider, name)
+    assert parse_spec(file)[1:4] == (file, "*", "*")
