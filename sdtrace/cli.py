@@ -200,12 +200,12 @@ def run_trace(args):
     session = Session(args.specs, pid=args.pid, command=args.command,
                       buffer_pages=args.buffer_pages, semaphores=args.semaphores, warn=warn)
     sink = sys.stdout if args.output is None else output.open_output(args.output)
-    writer = output.EventWriter(args.json)
+    lines = output.LineEmitter(args.json)
     timeline = None
     if args.perfetto is not None:
         from .present.perfetto import TraceTimeline
 
-        timeline = TraceTimeline(args.perfetto, session, writer)
+        timeline = TraceTimeline(args.perfetto, session, lines)
     counts = collections.Counter()
     written = reported_lost = 0
     armed = False
@@ -213,9 +213,9 @@ def run_trace(args):
         with session:
             armed = True
             sys.stderr.write(f"sdtrace: tracing {len(session.sites)} site(s); Ctrl-C to end\n")
-            for lines in session.batches(timeline or writer, args.duration,
+            for items in session.batches(timeline or lines, args.duration,
                                          lambda: stop.requested or written == args.count):
-                written += _emit(lines, args.count, written, sink, counts, timeline)
+                written += _emit(items, args.count, written, sink, counts, timeline)
                 if session.lost != reported_lost:
                     sys.stderr.write(f"sdtrace: {output.lost_warning(session.lost - reported_lost)}\n")
                     reported_lost = session.lost
@@ -263,7 +263,7 @@ def _emit(lines, limit, written, sink, counts, timeline=None):
 
 
 def _aggregate(args, specs, plan, interval=None, on_interval=None, on_pair=None):
-    """Run `plan` (aggregate.py) on a session of `specs`; return (its result, the session).
+    """Run `plan` (present.aggregate) on a session of `specs`; return (its result, the session).
 
     Ends at -d, Ctrl-C/SIGTERM or the exit of -c's command, always with the
     final result; `on_interval(aggregator, elapsed seconds)` runs every

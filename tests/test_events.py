@@ -76,8 +76,8 @@ def check_every_emitter(chunks, decoder):
     """The generated parsers of every emitter agree with the generic records; returns them."""
     expected = generic_records(chunks, decoder)
     assert parse(chunks, decoder.parsers()) == expected
-    json_lines = parse(chunks, decoder.parsers(output.EventWriter(True)))
-    human_lines = parse(chunks, decoder.parsers(output.EventWriter(False)))
+    json_lines = parse(chunks, decoder.parsers(output.LineEmitter(True)))
+    human_lines = parse(chunks, decoder.parsers(output.LineEmitter(False)))
     assert len(json_lines) == len(human_lines) == len(expected)
     for record, json_line, human_line in zip(expected, json_lines, human_lines):
         ts, pid, tid, cpu, comm, site, args = record
@@ -112,9 +112,9 @@ def test_values_of_every_type_decode_alike_on_both_paths(fixtures, opt):
 def test_null_string_is_absent_on_both_paths(program, group):  # noqa: F811
     add_demo_hit(program, group, fetchargs=(events.COMM_FETCH, *program.fetchargs))
     event_format = tracefs.event_format(group, "hit")
-    site = events.ProbeSite("demo:hit", program.path, "hit",
-                            tuple(ArgumentPlan(fetch=fetch.split("=", 1)[1])
-                                  for fetch in program.fetchargs))
+    site = events.ArmedSite("demo", "hit", program.path, "hit",
+                             tuple(ArgumentPlan(fetch=fetch.split("=", 1)[1])
+                                   for fetch in program.fetchargs))
     decoder = events.Decoder()
     with Target(program.path, "NULL") as target, perf.RingSet() as rings:
         decoder.add(rings.open(tracefs.event_id(group, "hit"), pid=target.pid), site,
@@ -127,6 +127,6 @@ def test_null_string_is_absent_on_both_paths(program, group):  # noqa: F811
 
 def test_a_format_without_comm_first_is_refused(program, group):  # noqa: F811
     add_demo_hit(program, group)
-    site = events.ProbeSite("demo:hit", program.path, "hit", ())
+    site = events.ArmedSite("demo", "hit", program.path, "hit", ())
     with pytest.raises(SdtraceError, match="comm"):
         events.Decoder().add([1], site, tracefs.event_format(group, "hit"))

@@ -50,11 +50,11 @@ def test_table_matches_the_installed_programs(path):
 
 
 def test_another_argument_count_is_left_alone():
-    assert providers.argument_names("python:function__entry", 3) == \
+    assert providers.argument_names("python", "function__entry", 3) == \
         ("filename", "funcname", "lineno")
-    assert providers.argument_names("python:function__entry", 4) is None
-    assert providers.argument_names("python:no_such_probe", 1) is None
-    assert providers.argument_names("no_such_provider:function__entry", 3) is None
+    assert providers.argument_names("python", "function__entry", 4) is None
+    assert providers.argument_names("python", "no_such_probe", 1) is None
+    assert providers.argument_names("no_such_provider", "function__entry", 3) is None
 
 
 @pytest.mark.skipif(not os.path.exists(PYTHON), reason="Debian's python3.11 is not installed")
@@ -79,7 +79,7 @@ def test_python_events_carry_decoded_named_arguments(tmp_path):
     assert result.returncode == 0, result.stderr
     events = [json.loads(line) for line in output.read_text().splitlines()]
     for event in events:
-        names = providers.argument_names(event["probe"], len(event["args"]))
+        names = providers.argument_names(*event["probe"].split(":"), len(event["args"]))
         assert event["named"] == dict(zip(names, event["args"]))
     entries = [event["named"] for event in events if event["probe"] == "python:function__entry"
                and event["args"][0] == str(script)]

@@ -252,17 +252,15 @@ def _parse(declaration):
     return ProbeArguments(tuple(names), tuple(types))
 
 
-def argument_names(qualified_name, argument_count):
-    """The names for a site ``"provider:name"`` with `argument_count` arguments, or None."""
-    provider, _, name = qualified_name.partition(":")
+def argument_names(provider, name, argument_count):
+    """The names for a site of ``provider:name`` with `argument_count` arguments, or None."""
     arguments = lookup(provider, name, argument_count)
     return None if arguments is None else arguments.names
 
 
-def span_label(qualified_name, argument_count):
+def span_label(provider, name, argument_count):
     """Positions of the arguments that name a span started by this probe (maybe empty)."""
-    names = argument_names(qualified_name, argument_count)
-    provider, _, name = qualified_name.partition(":")
+    names = argument_names(provider, name, argument_count)
     label = SPAN_LABELS.get(provider, {}).get(name)
     if names is None or label is None:
         return ()

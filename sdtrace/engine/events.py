@@ -1,7 +1,7 @@
 """Raw perf samples -> events: who hit which probe, when, with which arguments.
 
 Every armed site is one trace event with its own kernel sample id (one per
-CPU).  A ``Decoder`` maps each sample id to the site's ``ProbeSite`` and its
+CPU).  A ``Decoder`` maps each sample id to the site's ``ArmedSite`` and its
 ``tracefs.EventFormat``.  The first fetched field of every event is the
 thread's ``comm`` (fetched by the kernel at the hit, so it is right even for
 a process that has exited since); the others are the arguments that the
@@ -10,63 +10,51 @@ constants, conversions and unavailable (None) arguments.
 
 This is the hot loop: a burst of hits reaches hundreds of thousands of
 samples per second, and the reader must keep up in pure Python.  So each
-site gets a *parser* (see perf.walk) generated from its layout on its first
-sample, straight-line code without a loop over fields::
-
-    def parse(data, position, append):
-        size, _, pid, tid, ts, cpu, _, comm, field1, field2, = unpack(data, position)
-        raw = position + RAW_OFFSET
-        if comm >> 16:
-            start = raw + (comm & 0xFFFF)
-            comm = comms[data[start:start + (comm >> 16)]]
-        else:
-            comm = comm_absent
-        ...                                    # the same for field2, a string
-        append((ts, pid, tid, cpu, comm, site, [field1, field2]))
-        return size
-
-``unpack`` is one precompiled Struct spanning the whole PERF_RECORD_SAMPLE:
-perf's header fields, then the event's raw fields (its format's ``layout``).
-A string field is a ``__data_loc`` word, length << 16 | offset from the start
-of the raw record, the length counting the NUL; the bytes (NUL included)
-are sliced straight from the ring data and looked up in a bounded cache of
-their text (fetched strings repeat: comms, function and file names), so
+site gets a *parser* (see perf.walk), generated on its first sample from
+its layout by codegen.py, and a *decoder* (``Decoder``) finds the parser of
+a sample by its id.  Fetched strings repeat (comms, function and file
+names): their bytes are looked up in a bounded cache of their text, so
 decoding and quoting happen once per distinct value.
 
-What a parser appends is up to an *emitter*: ``RECORDS`` appends the record
-tuples ``(ts, pid, tid, cpu, comm, site, args)`` of the Python API;
-``output.EventWriter`` appends ``(ts, probe, text)`` with the event already
-formatted.  An emitter has ``comm_text`` and ``string_text`` (what a fetched
-comm / string argument becomes, from its str), ``comm_absent`` and
-``string_absent`` (the same for a string the kernel could not read), and
-``item(site, arguments)``, which returns the source of the appended
-expression and the names it uses.  ``arguments`` gives, per argument, its
-kind (INT: an int; TEXT: an already converted string; VALUE: any Python
-value, None included) and the expression of its value.  Generated source
-only ever holds names, never data from a probe or a file; sites with the
-same layout share one compiled code object.
+What a parser appends, its *item*, is up to an *emitter* (``Emitter``):
+``RECORDS`` appends the record tuples ``(ts, pid, tid, cpu, comm, site,
+args)`` of the Python API; output.LineEmitter appends ``(ts, probe, text)``
+with the event already formatted.  An emitter says what a fetched comm or
+string argument becomes, from its str (``comm_text``, ``string_text``) and
+when the kernel could not read it (``comm_absent``, ``string_absent``), and
+describes its item for a site (``item(site, arguments)``, in codegen.py's
+vocabulary).  ``arguments`` gives, per argument, an ``Argument``: its kind
+(INT: an int; TEXT: an already converted string; VALUE: any Python value,
+None included) and the description of its value.  Emitters never write
+source, and no data from a probe or a file ever becomes source.
 
 Records are plain tuples because of that volume; ``Event`` is the friendly
 object the Python API hands out.
 """
-import struct
-from dataclasses import dataclass
+import dataclasses
+from typing import Callable, NamedTuple, Protocol, Sequence
 
 from ..errors import SdtraceError
-from ..kernel import perf
+from . import codegen
 
 COMM_FETCH = "comm=$comm:string"
 INT, TEXT, VALUE = "int", "text", "value"      # argument kinds, for emitters
 TEXT_CACHE_ENTRIES = 1024                       # distinct strings remembered per cache
 
 
-@dataclass(frozen=True, eq=False)
-class ProbeSite:
-    """One armed site as events refer to it (hashed by identity: it keys counters)."""
-    probe: str                  # "provider:name"
+@dataclasses.dataclass(frozen=True, eq=False)
+class ArmedSite:
+    """One armed site (a notes.Site given a trace event and fetch plans), as
+    records refer to it; hashed by identity: it keys counters."""
+    provider: str
+    name: str
     file: str
     event: str                  # the trace event's name in the session's group
     plans: tuple                # fetchargs.ArgumentPlan per argument
+    probe: str = dataclasses.field(init=False, repr=False)   # "provider:name", as JSON shows it
+
+    def __post_init__(self):
+        object.__setattr__(self, "probe", f"{self.provider}:{self.name}")
 
 
 class Event:
@@ -83,10 +71,26 @@ class Event:
         ts, pid, tid, cpu, comm, site, args = record
         return cls(ts, pid, tid, cpu, comm, site.probe, site.file, args)
 
-
     def __repr__(self):
         return (f"Event(ts={self.ts}, pid={self.pid}, tid={self.tid}, cpu={self.cpu}, "
                 f"comm={self.comm!r}, probe={self.probe!r}, args={self.args!r})")
+
+
+class Argument(NamedTuple):
+    """One argument as an emitter sees it: its kind (INT, TEXT, VALUE) and value (codegen)."""
+    kind: str
+    value: object
+
+
+class Emitter(Protocol):
+    """What an event becomes: the item a site's parser appends per sample."""
+    comm_text: Callable[[str], object]      # a fetched comm -> what the item holds
+    string_text: Callable[[str], object]    # a fetched string argument -> the same
+    comm_absent: object                     # the comm the kernel could not read
+    string_absent: object                   # a string argument the kernel could not read
+
+    def item(self, site: ArmedSite, arguments: Sequence[Argument]) -> object:
+        """The codegen description of the item of `site`'s samples."""
 
 
 class RecordEmitter:
@@ -95,12 +99,13 @@ class RecordEmitter:
     comm_absent = string_absent = None
 
     def item(self, site, arguments):
-        values = ", ".join(expression for _kind, expression in arguments)
-        return f"(ts, pid, tid, cpu, comm, site, [{values}])", {}
+        return codegen.Tuple(codegen.TS, codegen.PID, codegen.TID, codegen.CPU, codegen.COMM,
+                             codegen.Constant(site, "site"),
+                             codegen.List(*(argument.value for argument in arguments)))
 
 
 RECORDS = RecordEmitter()
-# The fields of a record, by index (aggregate.py and perfetto.py read records).
+# The fields of a record, by index (aggregate and perfetto read records).
 TS, PID, TID, CPU, COMM, SITE, ARGS = range(7)
 
 
@@ -119,7 +124,7 @@ class Decoder:
         for sample_id in sample_ids:
             self.sites[sample_id] = (site, event_format)
 
-    def parsers(self, emitter=RECORDS):
+    def parsers(self, emitter: Emitter = RECORDS):
         """perf.walk's parsers that append `emitter`'s items."""
         parsers = self._parsers.get(emitter)
         if parsers is None:
@@ -148,8 +153,10 @@ class _Parsers(dict):
         super().__init__()
         self._sites = sites
         self._emitter = emitter
-        self._comms = _TextCache(emitter.comm_text)
-        self._strings = _TextCache(emitter.string_text)
+        self._comm = codegen.Constant(_TextCache(emitter.comm_text), "comms")
+        self._comm_absent = codegen.Constant(emitter.comm_absent, "comm_absent")
+        self._strings = codegen.Constant(_TextCache(emitter.string_text), "strings")
+        self._string_absent = codegen.Constant(emitter.string_absent, "string_absent")
 
     def __missing__(self, sample_id):
         if sample_id not in self._sites:
@@ -159,63 +166,25 @@ class _Parsers(dict):
         return parser
 
     def _generate(self, site, event_format):
-        emitter = self._emitter
-        comm, *fields = event_format.args
-        names = ["comm"] + [f"field{index}" for index in range(1, len(event_format.args))]
-        namespace = {
-            "unpack": _sample_struct(event_format.layout).unpack_from,
-            "RAW_OFFSET": perf.SAMPLE_RECORD.size, "site": site,
-            "comms": self._comms, "comm_absent": emitter.comm_absent,
-            "strings": self._strings, "string_absent": emitter.string_absent}
+        _comm, *fields = event_format.args
+        values = [codegen.Local(f"field{index}") for index in range(1, len(event_format.args))]
+        unpacked = [codegen.String(codegen.COMM, self._comm, self._comm_absent)]
+        unpacked += [codegen.String(value, self._strings, self._string_absent)
+                     if field.is_string else value for value, field in zip(values, fields)]
         arguments = []
-        fetched = iter(zip(names[1:], fields))
-        for index, plan in enumerate(site.plans):
+        fetched = iter(zip(values, fields))
+        for plan in site.plans:
             if not plan.fetched:                       # an immediate, or unavailable (None)
-                namespace[f"constant{index}"] = plan.constant
-                arguments.append((VALUE, f"constant{index}"))
+                arguments.append(Argument(VALUE, codegen.Constant(plan.constant)))
                 continue
-            name, field = next(fetched)
+            value, field = next(fetched)
             if plan.convert is not None:
-                namespace[f"convert{index}"] = plan.convert
-                arguments.append((VALUE, f"convert{index}({name})"))
+                arguments.append(Argument(VALUE, codegen.Call(
+                    codegen.Constant(plan.convert, "convert"), value)))
             elif field.is_string:
-                arguments.append((TEXT, name))
+                arguments.append(Argument(TEXT, value))
             else:
-                arguments.append((INT if field.struct_code in "bBhHiIqQ" else VALUE, name))
-        item, item_names = emitter.item(site, arguments)
-        namespace.update(item_names)
-        strings = [name for name, field in zip(names, event_format.args) if field.is_string]
-        exec(_compile(_parser_source(names, strings, item)), namespace)
-        return namespace["parse"]
-
-
-def _sample_struct(layout):
-    """One Struct for a whole PERF_RECORD_SAMPLE whose raw fields are `layout`."""
-    return struct.Struct(perf.SAMPLE_RECORD.format + layout)
-
-
-def _parser_source(names, strings, item):
-    """The source of `parse` for fields `names` (strings among them replaced by their text)."""
-    lines = ["def parse(data, position, append):",
-             f"    size, _, pid, tid, ts, cpu, _, {', '.join(names)}, = unpack(data, position)",
-             "    raw = position + RAW_OFFSET"]
-    for name in strings:
-        cache, absent = ("comms", "comm_absent") if name == "comm" else ("strings",
-                                                                         "string_absent")
-        lines += [f"    if {name} >> 16:",
-                  f"        start = raw + ({name} & 0xFFFF)",
-                  f"        {name} = {cache}[data[start:start + ({name} >> 16)]]",
-                  "    else:",
-                  f"        {name} = {absent}"]
-    lines += [f"    append({item})", "    return size"]
-    return "\n".join(lines) + "\n"
-
-
-_compiled = {}      # parser source -> code object
-
-
-def _compile(source):
-    code = _compiled.get(source)
-    if code is None:
-        code = _compiled[source] = compile(source, "<sdtrace parser>", "exec")
-    return code
+                arguments.append(Argument(INT if field.struct_code in "bBhHiIqQ" else VALUE,
+                                          value))
+        return codegen.parser(event_format.layout, unpacked,
+                              self._emitter.item(site, arguments))

@@ -162,7 +162,7 @@ class Session:
                 self._group, event, probe.file, probe.offset,
                 probe.semaphore if self.semaphores == "kernel" else None,
                 (events.COMM_FETCH, *fetchargs.fetch_arguments(plans))))
-            self.sites.append(events.ProbeSite(probe.qualified_name, probe.file,
+            self.sites.append(events.ArmedSite(probe.provider, probe.name, probe.file,
                                                event, tuple(plans)))
         tracefs.add_uprobes(definitions)
 
@@ -195,16 +195,16 @@ class Session:
 
     # -- streaming -----------------------------------------------------------
 
-    def read_records(self, timeout=0.1, writer=None):
+    def read_records(self, timeout=0.1, emitter=None):
         """One batch of records (see events.py), waiting up to `timeout` seconds for data.
 
-        With `writer` (an output.EventWriter) the batch holds its formatted
-        lines instead, as (ts, probe, text).
+        With `emitter` (an events.Emitter, e.g. output.LineEmitter) the batch
+        holds its items instead, e.g. formatted lines as (ts, probe, text).
         """
         rings = self._rings
         if not rings.pending:
             rings.wait(timeout)
-        items, lost = rings.drain(self._decoder.parsers(writer or events.RECORDS), DRAIN_BYTES)
+        items, lost = rings.drain(self._decoder.parsers(emitter or events.RECORDS), DRAIN_BYTES)
         self.lost += lost
         self.received += len(items)
         return items
@@ -262,8 +262,8 @@ class Session:
 
     # -- tear-down -----------------------------------------------------------
 
-    def finish(self, writer=None):
-        """Stop sampling and return the records (or `writer`'s lines) still in the rings.
+    def finish(self, emitter=None):
+        """Stop sampling and return the records (or `emitter`'s items) still in the rings.
 
         Call it before close().  Afterwards `lost` is exact: the kernel reports
         a lost sample only at its next write to the ring, so the last losses
@@ -271,7 +271,7 @@ class Session:
         lost).
         """
         self._rings.disable()
-        items, lost = self._rings.drain(self._decoder.parsers(writer or events.RECORDS))
+        items, lost = self._rings.drain(self._decoder.parsers(emitter or events.RECORDS))
         self.received += len(items)
         self.lost = max(self.lost + lost, self._rings.hit_count() - self.received)
         return items

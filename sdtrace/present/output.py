@@ -89,7 +89,7 @@ def _argument_names(probe):
     """The documented argument names of a known provider's probe (providers.py), or None."""
     from ..discovery.providers import argument_names
 
-    names = argument_names(probe.qualified_name, len(probe.operands))
+    names = argument_names(probe.provider, probe.name, len(probe.operands))
     return list(names) if names else None
 
 
@@ -116,7 +116,7 @@ def probe_table(probes):
 
 
 # -- events ---------------------------------------------------------------------
-# An EventWriter is an emitter for events.py's generated parsers: each sample
+# A LineEmitter is an emitter for events.py's generated parsers: each sample
 # becomes (ts, probe, text) with its line already formatted by one f-string per
 # site, whose constant part (probe, file) is computed once.  Fetched strings
 # arrive quoted (cached per distinct value), ints are formatted by the
@@ -145,14 +145,18 @@ def _human_comm(comm):
     return f"{comm:>16}"
 
 
-_JSON_LINE = ('{{"ts": {ts}, "pid": {pid}, "tid": {tid}, "cpu": {cpu}, "comm": {comm}, '
-              '{site_text}ARGUMENTS]}}\n')
-_HUMAN_LINE = ("{comm} {pid:>7}/{tid:<7} [{cpu:03d}] "
-               "{ts // 1000000000}.{ts % 1000000000 // 1000:06d}: {site_text} ARGUMENTS\n")
+def _joined(groups, separator):
+    """Text pieces: each group's (a piece, or a tuple of pieces), with `separator` between."""
+    joined = []
+    for group in groups:
+        if joined:
+            joined.append(separator)
+        joined += group if isinstance(group, tuple) else (group,)
+    return joined
 
 
-class EventWriter:
-    """Formats events as JSON lines or as human lines, one per event (an events.py emitter)."""
+class LineEmitter:
+    """Formats events as JSON lines or as human lines, one per event (an events.Emitter)."""
 
     def __init__(self, json_lines):
         self.json_lines = json_lines
@@ -163,33 +167,43 @@ class EventWriter:
             self.comm_text, self.string_text = _human_comm, quote
             self.comm_absent, self.string_absent = _human_comm("?"), "?"
 
-    def item(self, site, arguments, comm="comm"):
-        """Source of the (ts, probe, text) item of `site`'s events, and the names it uses.
+    def item(self, site, arguments, comm=None):
+        """The (ts, probe, text) item of `site`'s events (a codegen description).
 
-        `comm` is the expression of the comm the line shows.  The item holds
-        only a str and ints: the cyclic GC untracks such tuples at its first
-        pass instead of carrying them through its generations.
+        `comm` describes the comm the line shows (the parser's comm if None).
+        The item holds only a str and ints: the cyclic GC untracks such tuples
+        at its first pass instead of carrying them through its generations.
         """
         from ..discovery.providers import argument_names
+        from ..engine import codegen
         from ..engine.events import VALUE
 
+        comm = codegen.COMM if comm is None else comm
+        formatter = codegen.Constant(_json_value if self.json_lines else _human_value,
+                                     "json_value" if self.json_lines else "human_value")
+        values = [codegen.Call(formatter, argument.value) if argument.kind == VALUE
+                  else argument.value for argument in arguments]
         if self.json_lines:
-            line, separator, value = _JSON_LINE, ", ", "json_value"
             site_text = f'"probe": {quote(site.probe)}, "file": {quote(site.file)}, "args": ['
+            pieces = ['{"ts": ', codegen.TS, ', "pid": ', codegen.PID, ', "tid": ', codegen.TID,
+                      ', "cpu": ', codegen.CPU, ', "comm": ', comm, ", ",
+                      codegen.Constant(site_text, "site_text"), *_joined(values, ", "), "]"]
+            names = argument_names(site.provider, site.name, len(values))
+            if names:   # a known provider's argument names (providers.py), our own text
+                named = [(f"{quote(name)}: ", value) for name, value in zip(names, values)]
+                pieces += [', "named": {', *_joined(named, ", "), "}"]
+            pieces.append("}\n")
         else:
-            line, separator, value = _HUMAN_LINE, " ", "human_value"
-            site_text = f"{site.probe}:"
-        line = line.replace("{comm}", f"{{{comm}}}")
-        parts = [f"{{{value}({expression})}}" if kind == VALUE else f"{{{expression}}}"
-                 for kind, expression in arguments]
-        names = self.json_lines and argument_names(site.probe, len(parts))
-        if names:   # a known provider's argument names (providers.py): identifiers, safe here
-            named = ", ".join(f"{quote(name)}: {part}" for name, part in zip(names, parts))
-            line = line.replace("ARGUMENTS]", f'ARGUMENTS], "named": {{{{{named}}}}}')
-        line = line.replace("ARGUMENTS", separator.join(parts))
-        return (f"(ts, probe, f{line!r})",
-                {"probe": site.probe, "site_text": site_text, "json_value": _json_value,
-                 "human_value": _human_value})
+            seconds = codegen.Arithmetic(codegen.TS, "//", 1_000_000_000)
+            micros = codegen.Arithmetic(codegen.Arithmetic(codegen.TS, "%", 1_000_000_000),
+                                        "//", 1000)
+            pieces = [comm, " ", codegen.Format(codegen.PID, ">7"), "/",
+                      codegen.Format(codegen.TID, "<7"), " [", codegen.Format(codegen.CPU, "03d"),
+                      "] ", seconds, ".", codegen.Format(micros, "06d"), ": ",
+                      codegen.Constant(f"{site.probe}:", "site_text"), " ",
+                      *_joined(values, " "), "\n"]
+        return codegen.Tuple(codegen.TS, codegen.Constant(site.probe, "probe"),
+                             codegen.Text(*pieces))
 
 
 def summary_line(events, lost):

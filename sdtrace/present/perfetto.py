@@ -62,10 +62,10 @@ class TimelineWriter:
             from ..discovery.providers import argument_names
 
             argument_count = len(record[ARGS])
-            names = (argument_names(site.probe, argument_count)
+            names = (argument_names(site.provider, site.name, argument_count)
                      or [f"arg{index}" for index in range(argument_count)])
             head = (f'{{"ph": "i", "s": "t", "name": {quote(site.probe)}, '
-                    f'"cat": {quote(site.probe.partition(":")[0])}, ')
+                    f'"cat": {quote(site.provider)}, ')
             known = self.sites[site] = (names, head)
         return known
 
@@ -114,33 +114,33 @@ class TimelineWriter:
         self.file.close()
 
 
-def _span_parts(probe):
-    """("provider", "base", "suffix") of "provider:base__suffix" (base may be empty)."""
-    provider, _, name = probe.partition(":")
-    base, _, suffix = name.rpartition("__")
-    return provider, base, suffix
+def _span_parts(site):
+    """("provider", "base", "suffix") of a site of provider:base__suffix (base may be empty)."""
+    base, _, suffix = site.name.rpartition("__")
+    return site.provider, base, suffix
 
 
-def _probe_name(provider, base, suffix):
-    return f"{provider}:{base}__{suffix}" if base else f"{provider}:{suffix}"
+def _probe(provider, base, suffix):
+    """(provider, name) of the probe of `base` and `suffix`."""
+    return provider, f"{base}__{suffix}" if base else suffix
 
 
-def span_name(probe):
-    """The name of the span a START or END probe belongs to: "python:function"."""
-    provider, base, _suffix = _span_parts(probe)
+def span_name(site):
+    """The name of the span a START or END site belongs to: "python:function"."""
+    provider, base, _suffix = _span_parts(site)
     return f"{provider}:{base}" if base else provider
 
 
 def span_roles(sites):
     """{site: ((provider, base), is_start)} for the sites that form START/END pairs."""
-    probes = {site.probe for site in sites}
+    probes = {(site.provider, site.name) for site in sites}
     roles = {}
     for site in sites:
-        provider, base, suffix = _span_parts(site.probe)
+        provider, base, suffix = _span_parts(site)
         for start_suffix, end_suffix in SPAN_SUFFIXES:
-            if suffix == start_suffix and _probe_name(provider, base, end_suffix) in probes:
+            if suffix == start_suffix and _probe(provider, base, end_suffix) in probes:
                 roles[site] = ((provider, base), True)
-            elif suffix == end_suffix and _probe_name(provider, base, start_suffix) in probes:
+            elif suffix == end_suffix and _probe(provider, base, start_suffix) in probes:
                 roles[site] = ((provider, base), False)
             else:
                 continue
@@ -149,39 +149,41 @@ def span_roles(sites):
 
 
 class TraceTimeline:
-    """The timeline of ``sdtrace trace --perfetto``, and the events.py emitter
-    of that trace: its items are the event writer's ``(ts, probe, text)``
-    plus the record, ``(ts, probe, text, record)``, so the trace loop writes
-    the text and hands the same items, after its -n cut, to add()."""
+    """The timeline of ``sdtrace trace --perfetto``, and the events.Emitter of
+    that trace: its items are the line emitter's ``(ts, probe, text)`` plus
+    the record, ``(ts, probe, text, record)``, so the trace loop writes the
+    text and hands the same items, after its -n cut, to add()."""
     comm_text = string_text = str          # the record's values stay raw ...
     comm_absent = string_absent = None
 
-    def __init__(self, path, session, writer):
+    def __init__(self, path, session, lines):
         import functools
 
         from ..engine.events import TEXT_CACHE_ENTRIES
 
         self.session = session
-        self.writer = writer
+        self.lines = lines
         self.timeline = TimelineWriter(path)
         self.order = TimeOrder()
         self.pairer = None
         self.spans = {}          # START site -> (its label's argument positions, span name)
 
         @functools.lru_cache(maxsize=TEXT_CACHE_ENTRIES)     # comms repeat: format each once
-        def writer_comm(comm):
-            return writer.comm_absent if comm is None else writer.comm_text(comm)
-        self.writer_comm = writer_comm
+        def line_comm(comm):
+            return lines.comm_absent if comm is None else lines.comm_text(comm)
+        self.line_comm = line_comm
 
     def item(self, site, arguments):
-        """... and the writer formats them itself: strings as values, comm through its comm_text."""
-        from ..engine.events import RECORDS, TEXT, VALUE
+        """... and the line emitter formats them itself: strings as values,
+        the comm through its comm_text."""
+        from ..engine import codegen
+        from ..engine.events import RECORDS, TEXT, VALUE, Argument
 
-        text, names = self.writer.item(site, [(VALUE if kind == TEXT else kind, expression)
-                                              for kind, expression in arguments],
-                                       comm="writer_comm(comm)")
-        record, _ = RECORDS.item(site, arguments)
-        return f"{text} + ({record},)", {**names, "writer_comm": self.writer_comm}
+        line = self.lines.item(
+            site, [Argument(VALUE, argument.value) if argument.kind == TEXT else argument
+                   for argument in arguments],
+            comm=codegen.Call(codegen.Constant(self.line_comm, "line_comm"), codegen.COMM))
+        return codegen.Tuple(*line.items, RECORDS.item(site, arguments))
 
     def add(self, items):
         """Put the records of trace items on the timeline."""
@@ -207,8 +209,8 @@ class TraceTimeline:
         if known is None:
             from ..discovery.providers import span_label
 
-            known = self.spans[site] = (span_label(site.probe, len(start[ARGS])),
-                                        span_name(site.probe))
+            known = self.spans[site] = (span_label(site.provider, site.name, len(start[ARGS])),
+                                        span_name(site))
         return known
 
     def close(self):

@@ -1,6 +1,6 @@
 """Aggregation results -> text: aligned tables, histograms with bars, JSON rows.
 
-Renders the results of aggregate.py whoever computed them.  Tables put the
+Renders the results of aggregate (plans.py) whoever computed them.  Tables put the
 count first, right-aligned, then the key columns; histograms are drawn the
 way bpftrace's ``hist()`` and ``lhist()`` draw them (a bucket label, its
 count, and a bar of ``@`` scaled to the largest bucket), followed by the
