@@ -27,7 +27,27 @@ def _formatter(prog):
         width = os.get_terminal_size(2).columns - 2
     except OSError:
         width = 78
-    return argparse.HelpFormatter(prog, width=width)
+    return _Formatter(prog, width=width)
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Wraps a one-line description; keeps a text of several lines (SPEC_FORMS) as written."""
+
+    def _fill_text(self, text, width, indent):
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+SPEC_FORMS = """\
+SPEC forms (PROVIDER, NAME and FILE may be shell globs):
+  PROVIDER:NAME              searched in the objects of -p/-c (or given as TARGET)
+  TARGET:PROVIDER:NAME       TARGET is a path, a glob of paths or a library name
+  FILE  FILE:*               every probe of FILE (FILE has a '/' or a '.')
+  FILE:NAME  FILE::NAME      NAME of any provider in FILE
+  ...(TYPE,...)              read arguments as str, s8..u64 (empty: the note's type)
+examples: /usr/bin/python3.11::function__entry  'libpython3.11:python:gc*'
+          '/usr/lib/*/libstdc++.so.6:*'  '/usr/bin/python3.11:python:line(str,str)'"""
 
 
 def _add_target_options(parser):
@@ -48,7 +68,10 @@ def _add_session_options(parser):
     # session.SEMAPHORE_MODES, written out to keep the session modules out of start-up
     parser.add_argument("--semaphores", choices=("auto", "kernel", "user"), default="auto",
                         help="who counts SDT semaphores: the kernel (ref_ctr_offset), sdtrace "
-                             "through /proc/PID/mem, or auto (the kernel when it can)")
+                             "through /proc/PID/mem, or auto (the kernel when it can). In user "
+                             "mode a process that starts during a system-wide or -p session is "
+                             "raised shortly after it starts (its first hits are missed; the "
+                             "summary says how late); -c commands are held until raised")
 
 
 def build_parser():
@@ -63,7 +86,8 @@ def build_parser():
 
     listing = commands.add_parser(
         "list", help="list probe sites",
-        description="List SDT probe sites. SPEC is [TARGET:]PROVIDER:NAME, a path or a library name.")
+        description="List SDT probe sites. SPEC is [TARGET:]PROVIDER:NAME, a path or a library name.",
+        epilog=SPEC_FORMS)
     _add_target_options(listing)
     listing.add_argument("specs", nargs="*", metavar="SPEC")
     listing.set_defaults(run=run_list)
@@ -71,7 +95,8 @@ def build_parser():
     trace = commands.add_parser(
         "trace", help="trace probe hits",
         description="Trace SDT probes. SPEC is [TARGET:]PROVIDER:NAME[(TYPE,...)]; "
-                    "without -p/-c the trace is system-wide on the files named.")
+                    "without -p/-c the trace is system-wide on the files named.",
+        epilog=SPEC_FORMS)
     _add_session_options(trace)
     trace.add_argument("-n", "--count", type=int, help="stop after COUNT events")
     trace.add_argument("-o", "--output", metavar="FILE", help="write events to FILE")
@@ -83,7 +108,8 @@ def build_parser():
     count = commands.add_parser(
         "count", help="count probe hits per key",
         description="Count hits per probe, or per KEY: probe, pid, tid, comm, argN or an "
-                    "argument's name. SPEC is [TARGET:]PROVIDER:NAME[(TYPE,...)].")
+                    "argument's name. SPEC is [TARGET:]PROVIDER:NAME[(TYPE,...)].",
+        epilog=SPEC_FORMS)
     _add_session_options(count)
     count.add_argument("--by", default="probe", metavar="KEY[,KEY...]",
                        help="count per KEY (default: probe)")
@@ -96,7 +122,8 @@ def build_parser():
     hist = commands.add_parser(
         "hist", help="histogram of a numeric argument",
         description="A power-of-two (or --linear) histogram of argument N, with count, min, "
-                    "max, mean and percentiles.")
+                    "max, mean and percentiles.",
+        epilog=SPEC_FORMS)
     _add_session_options(hist)
     hist.add_argument("--arg", required=True, metavar="N",
                       help="the argument: its number, or its name")
@@ -109,7 +136,8 @@ def build_parser():
         "latency", help="time from a START probe to its END probe",
         description="Pair each END hit with the innermost open START hit of its thread "
                     "(with --match, the innermost whose keys are equal) and show the "
-                    "durations in ns.")
+                    "durations in ns.",
+        epilog=SPEC_FORMS)
     _add_session_options(latency)
     latency.add_argument("--match", metavar="KEY[,KEY...]",
                          help="START and END pair only if these keys are equal")
@@ -134,7 +162,8 @@ def build_parser():
         "semaphores", help="show SDT semaphores in running processes",
         description="Show every SDT semaphore of every process (or PID): its address, value, "
                     "whether a site of its probe is armed (int3 in place), and LEAKED when "
-                    "it is above 0 with nothing armed. SPEC is [TARGET:]PROVIDER:NAME.")
+                    "it is above 0 with nothing armed. SPEC is [TARGET:]PROVIDER:NAME.",
+        epilog=SPEC_FORMS)
     semaphores.add_argument("-p", "--pid", type=int, help="only process PID")
     semaphores.add_argument("--json", action="store_true", help="write JSON lines")
     semaphores.add_argument("specs", nargs="*", metavar="SPEC")

@@ -89,3 +89,23 @@ def test_unparsed_operand_is_listed_with_warning(tmp_path):
     [record] = json_lines(result.stdout)
     assert [op["kind"] for op in record["operands"]] == ["unparsed", "register"]
     assert "odd:probe" in result.stderr and "8@%fs:0x28" in result.stderr and str(binary) in result.stderr
+
+
+def test_every_spec_form_in_help_lists_what_it_says():
+    """The examples under --help's SPEC forms are real: each lists the probes it names."""
+    from sdtrace.cli import SPEC_FORMS
+
+    for subcommand in ("list", "trace", "count", "hist", "latency", "semaphores"):
+        assert SPEC_FORMS in sdtrace(subcommand, "--help").stdout.replace("\r", ""), subcommand
+    examples = SPEC_FORMS.split("examples:")[1].split()
+    assert len(examples) == 4
+    listed = {}
+    for example in examples:
+        result = sdtrace("list", "--json", example.strip("'"))
+        assert result.returncode == 0, (example, result.stderr)
+        listed[example] = json_lines(result.stdout)
+    assert {(r["provider"], r["name"]) for r in listed[examples[0]]} == \
+        {("python", "function__entry")}
+    assert {r["name"] for r in listed[examples[1]]} >= {"gc__start", "gc__done"}
+    assert {r["provider"] for r in listed[examples[2]]} == {"libstdcxx"}
+    assert [(r["file"], r["name"]) for r in listed[examples[3]]] == [(PYTHON, "line")]
