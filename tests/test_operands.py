@@ -196,7 +196,7 @@ UNPARSEABLE = [
     ("x86_64", "3@%rax", 0, "bad size 3"),
     ("x86_64", "16f@%st", 0, "bad size 16"),
     ("x86_64", "8@", 8, "missing operand"),
-    ("x86_64", "8@" + "(" * 300, 8, "spec longer than 256 characters"),
+    ("x86_64", "8@" + "(" * 300, 8, "argument longer than 256 characters"),
     ("i386", "1@%sil", 1, "unknown register %sil"),
     ("i386", "8@%rax", 8, "unknown register %rax"),
     ("i386", "4@x(%rip)", 4, "symbol address without %rip base not supported"),

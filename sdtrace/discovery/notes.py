@@ -3,7 +3,7 @@
 ``sys/sdt.h`` leaves, for every marker site, a note in ``.note.stapsdt``
 (owner "stapsdt", type 3) whose descriptor holds three addresses -- the site,
 the link-time address of ``.stapsdt.base`` and the semaphore (0 if none) --
-then three strings: provider, name and the argument specs.  A probe
+then three strings: provider, name and the arguments.  A probe
 (provider:name) may have several sites; each note is one site.
 
 Addresses are link-time virtual addresses.  A uprobe and a /proc/PID/mem write

@@ -1,16 +1,16 @@
-"""Argument specs of SDT notes, parsed into typed operands.
+"""The arguments of SDT notes, parsed into typed operands.
 
-A note's argument string holds one spec per argument, separated by spaces:
+A note's argument string holds one word per argument, separated by spaces:
 ``[-]N[f]@OPERAND``.  N is the size in bytes (1, 2, 4, 8), ``-`` means signed
 and ``f`` floating point.  OPERAND is whatever the compiler's ``asm`` operand
 printed, in the target architecture's assembler syntax.  This module turns
-each spec into an Operand that says exactly where the value lives at the probe
+each argument into an Operand that says exactly where the value lives at the probe
 site: a register, memory at base+offset, memory at base+index*scale+offset, a
 rip-relative symbol, or an immediate.  What cannot be parsed becomes an
 Operand of kind UNPARSED carrying the reason, never a guessed location.
 
 Mechanism.  The argument string is split on whitespace outside brackets and
-parentheses (aarch64 prints ``-8@[x29, -16]``).  Each spec loses its size
+parentheses (aarch64 prints ``-8@[x29, -16]``).  Each argument loses its size
 prefix (a bare operand from old notes gets the file's word size, unsigned:
 4 bytes in a 32-bit PowerPC or s390 file although it shares the 64-bit
 grammar; without a word size, the machine's default),
@@ -34,7 +34,7 @@ Register names come out canonical (full width): x86_64 ``rax``..``r15``, i386
 ``eax``..``edi``, aarch64 ``x0``..``x30``/``sp``, arm ``r0``..``r10``/``fp``/``ip``/
 ``sp``/``lr``/``pc``, ppc64 ``r0``..``r31``, s390x ``r0``..``r15``, riscv64 ABI
 names.  A zero register (xzr, riscv ``zero``) is the immediate 0.  Displacements
-are normalised to signed 64-bit; immediates are wrapped to the spec's size and
+are normalised to signed 64-bit; immediates are wrapped to the argument's size and
 signedness, as the probe's consumer would see them.  Symbols are kept as
 written; resolving them is another layer's job.  A displacement that names a
 symbol without a %rip base (non-PIE ``counter(,%rax,8)``) is absolute and has
@@ -57,7 +57,7 @@ UNPARSED = "unparsed"    # `error` says why
 
 # One typed operand.  A namedtuple, not a dataclass: discovery runs at every
 # start-up and `dataclasses` costs more to import than parsing a whole file.
-#   text        the spec as written, e.g. "-4@%edi"
+#   text        the argument as written, e.g. "-4@%edi"
 #   size        1, 2, 4 or 8 (bytes)
 #   signed, is_float
 #   kind        one of the constants above
@@ -76,7 +76,7 @@ Operand = namedtuple(
     defaults=(None, 0, None, None, 1, 0, None, None, None, None))
 
 
-MAX_SPEC_LENGTH = 256     # longer specs are UNPARSED without being looked at
+MAX_ARGUMENT_LENGTH = 256     # longer arguments are UNPARSED without being looked at
 WORD_SIZES = {"x86_64": 8, "i386": 4, "aarch64": 8, "arm": 4, "ppc64": 8, "s390x": 8, "riscv64": 8}
 VALID_SIZES = (1, 2, 4, 8)
 
@@ -422,13 +422,13 @@ _OPERAND_GRAMMARS = {"x86_64": _parse_x86_64, "i386": _parse_i386, "aarch64": _p
 
 # ----------------------------------------------------------------- public --
 
-def _split_specs(text: str) -> list[str]:
+def _split_arguments(text: str) -> list[str]:
     """Split on whitespace that is not inside brackets or parentheses."""
-    specs, current, depth = [], [], 0
+    words, current, depth = [], [], 0
     for char in text:
         if char.isspace() and depth == 0:
             if current:
-                specs.append("".join(current))
+                words.append("".join(current))
                 current = []
             continue
         if char in "([":
@@ -437,8 +437,8 @@ def _split_specs(text: str) -> list[str]:
             depth -= 1
         current.append(char)
     if current:
-        specs.append("".join(current))
-    return specs
+        words.append("".join(current))
+    return words
 
 
 def _architecture_name(machine) -> str:
@@ -447,22 +447,22 @@ def _architecture_name(machine) -> str:
     return repr(machine)[:40]
 
 
-@functools.lru_cache(maxsize=4096)   # real files repeat a few hundred distinct specs
-def parse_operand(spec: str, machine: str, word_size: int | None = None) -> Operand:
-    """Parse one ``[-]N[f]@OPERAND`` spec for `machine`; never raises.
+@functools.lru_cache(maxsize=4096)   # real files repeat a few hundred distinct arguments
+def parse_operand(text: str, machine: str, word_size: int | None = None) -> Operand:
+    """Parse one ``[-]N[f]@OPERAND`` argument for `machine`; never raises.
 
     `word_size` (the ELF class's address size) sizes an operand without a
     size prefix; WORD_SIZES[machine] when None."""
-    prefix = re.match(_SIZE_PREFIX, spec[:32])
+    prefix = re.match(_SIZE_PREFIX, text[:32])
     if prefix is not None:
         signed, size, is_float = prefix[1] == "-", int(prefix[2]), prefix[3] == "f"
-        operand = spec[prefix.end():]
+        operand = text[prefix.end():]
     else:
         signed, size, is_float = False, word_size or WORD_SIZES.get(machine, 0), False
-        operand = spec
+        operand = text
 
     def unparsed(reason: str, size: int = size) -> Operand:
-        return Operand(spec, size, signed, is_float, UNPARSED, error=reason)
+        return Operand(text, size, signed, is_float, UNPARSED, error=reason)
 
     grammar = _OPERAND_GRAMMARS.get(machine)
     if grammar is None:
@@ -470,8 +470,8 @@ def parse_operand(spec: str, machine: str, word_size: int | None = None) -> Oper
                         size if size in VALID_SIZES else 0)
     if size not in VALID_SIZES:
         return unparsed(f"bad size {size}", 0)
-    if len(spec) > MAX_SPEC_LENGTH:
-        return unparsed(f"spec longer than {MAX_SPEC_LENGTH} characters")
+    if len(text) > MAX_ARGUMENT_LENGTH:
+        return unparsed(f"argument longer than {MAX_ARGUMENT_LENGTH} characters")
     operand = "".join(operand.split())
     if not operand:
         return unparsed("missing operand")
@@ -481,13 +481,13 @@ def parse_operand(spec: str, machine: str, word_size: int | None = None) -> Oper
         return unparsed(str(failure))
     if location["kind"] == IMMEDIATE:
         location["value"] = _wrap(location["value"], size, signed)
-    return Operand(spec, size, signed, is_float, **location)
+    return Operand(text, size, signed, is_float, **location)
 
 
 @functools.lru_cache(maxsize=4096)   # a file's notes repeat their argument strings
 def parse_arguments(text: str, machine: str, word_size: int | None = None) -> tuple[Operand, ...]:
-    """Every spec of a note's argument string, in order; never raises."""
-    return tuple(parse_operand(spec, machine, word_size) for spec in _split_specs(text))
+    """Every argument of a note's argument string, in order; never raises."""
+    return tuple(parse_operand(word, machine, word_size) for word in _split_arguments(text))
 
 
 def _offset_text(offset: int) -> str:
