@@ -29,66 +29,14 @@ the whole burst (--buffer-pages), and the lost count is printed.
 Run as root after the test suite has built the fixtures:
     python3 bench/count.py [HITS]        (default 1,000,000)
 """
-import os
 import shutil
-import signal
-import subprocess
 import sys
-import time
 
-from common import ENVIRONMENT, FLOOD, HITS, fire, require_flood, settled, untraced_loop
+from common import (FLOOD, HITS, bpftrace_ready, measure, require_flood, untraced_loop,
+                    wait_for_line)
 from helpers import Target, summary_counts  # the fixtures' driver (common put tests/ on the path)
 
 BUFFER_PAGES = 1 << 15          # 128 MiB per CPU: a whole burst of ~100-byte samples
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid):
-    """User + system CPU time of process `pid` so far."""
-    with open(f"/proc/{pid}/stat") as stat:
-        fields = stat.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS    # utime, stime
-
-
-def measure(flood, command, untraced_ns, ready, environment=None):
-    """Per-hit figures of one tracer attached to `flood`; returns (figures, tracer stderr)."""
-    tracer = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True,
-                              env={**ENVIRONMENT, **(environment or {})})
-    try:
-        ready(tracer)
-        before = cpu_seconds(tracer.pid)
-        fired, loop_ns = fire(flood, HITS)
-        used = settled(lambda: cpu_seconds(tracer.pid))[0] - before
-    finally:
-        tracer.send_signal(signal.SIGINT)
-        _out, err = tracer.communicate(timeout=600)
-    if not fired:
-        raise RuntimeError(f"{command[0]} did not raise the semaphore: {err}")
-    in_target = (loop_ns - untraced_ns) / fired / 1000
-    in_tracer = used / fired * 1e6
-    return {"fired": fired, "in_target": in_target, "in_tracer": in_tracer,
-            "total": in_target + in_tracer}, err
-
-
-def wait_for_line(text):
-    def ready(tracer):
-        line = ""
-        while text not in line:
-            line = tracer.stderr.readline()
-            if not line:
-                raise RuntimeError(f"tracer exited before {text!r}")
-    return ready
-
-
-def bpftrace_ready(flood):
-    def ready(tracer):
-        deadline = time.monotonic() + 30
-        while fire(flood, 1)[0] == 0:       # attached once a hit counts
-            if tracer.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"bpftrace did not attach: {tracer.stderr.read()}")
-            time.sleep(0.05)
-    return ready
 
 
 def main():
