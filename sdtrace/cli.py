@@ -63,6 +63,9 @@ def _add_session_options(parser):
     _add_target_options(parser)
     parser.add_argument("-d", "--duration", type=float, metavar="SECONDS",
                         help="stop after SECONDS")
+    parser.add_argument("--keep-command", action="store_true",
+                        help="leave -c's command running when the session ends (default: "
+                             "SIGTERM, then SIGKILL after 2 s)")
     parser.add_argument("--buffer-pages", type=int, metavar="N",
                         help="ring buffer data pages per CPU, a power of two (default 1024: 4 MiB)")
     # session.SEMAPHORE_MODES, written out to keep the session modules out of start-up
@@ -227,7 +230,8 @@ def run_trace(args):
 
     stop = _StopFlag()
     session = Session(args.specs, pid=args.pid, command=args.command,
-                      buffer_pages=args.buffer_pages, semaphores=args.semaphores, warn=warn)
+                      buffer_pages=args.buffer_pages, semaphores=args.semaphores, warn=warn,
+                      keep_command=args.keep_command)
     sink = sys.stdout if args.output is None else output.open_output(args.output)
     lines = output.LineEmitter(args.json)
     timeline = None
@@ -255,8 +259,15 @@ def run_trace(args):
         if timeline is not None:
             timeline.close()
         if armed:
+            _say_command_ending(session)
             sys.stderr.write(output.summary(counts, session.lost))
     return session.exit_status or 0
+
+
+def _say_command_ending(session):
+    """The line before the summary: what became of -c's command, if it still ran."""
+    if session.command_ending:
+        sys.stderr.write(f"sdtrace: {session.command_ending}\n")
 
 
 class _StopFlag:
@@ -305,7 +316,8 @@ def _aggregate(args, specs, plan, interval=None, on_interval=None, on_pair=None)
 
     stop = _StopFlag()
     session = Session(specs, pid=args.pid, command=args.command,
-                      buffer_pages=args.buffer_pages, semaphores=args.semaphores, warn=warn)
+                      buffer_pages=args.buffer_pages, semaphores=args.semaphores, warn=warn,
+                      keep_command=args.keep_command)
     with session:
         aggregator = aggregate.UserSpaceExecutor(session).aggregator(plan, on_pair)
         sys.stderr.write(f"sdtrace: tracing {len(session.sites)} site(s); Ctrl-C to end\n")
@@ -317,6 +329,7 @@ def _aggregate(args, specs, plan, interval=None, on_interval=None, on_pair=None)
         aggregator.flush()
     if session.lost:
         warn(f"{output.lost_warning(session.lost)}: the results are low")
+    _say_command_ending(session)
     sys.stderr.write(output.summary_line(session.received, session.lost))
     return aggregator.result(), session
 

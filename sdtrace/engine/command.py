@@ -73,6 +73,7 @@ class Command:
         self._gate = threading.Event()   # set by release()
         self._started = threading.Event()
         self._exec_done = threading.Event()
+        self._leaving = threading.Event()    # set by leave(): the tracer detaches
         self._exec_error = None
         self._thread = threading.Thread(target=self._run, name="sdtrace-command", daemon=True)
 
@@ -92,20 +93,38 @@ class Command:
             self._thread.join()
             raise SdtraceError(f"cannot run command: {self._exec_error}")
 
-    def terminate(self, timeout=5.0):
-        """End the command if it still runs (SIGTERM, then SIGKILL) and wait for it."""
+    def terminate(self, grace=2.0):
+        """End the command if it still runs and wait for it: SIGTERM, then SIGKILL
+        after `grace` seconds.  Returns how it was ended ("SIGTERM", "SIGKILL after
+        2 s"), or None if it had exited by itself (or never started)."""
         if self.pid is None:
-            return
+            return None
+        ended = None
         if not self._gate.is_set():       # never released: it is still our held fork
             self._exec_error = "not started"
             os.kill(self.pid, signal.SIGKILL)
             self._gate.set()
         elif self.exit_status is None:
+            ended = "SIGTERM"
             _signal(self.pid, signal.SIGTERM)
-            self._thread.join(timeout)
+            self._thread.join(grace)
             if self.exit_status is None:
+                ended = f"SIGKILL after {grace:g} s"
                 _signal(self.pid, signal.SIGKILL)
         self._thread.join()
+        return ended
+
+    def leave(self):
+        """Let the command run on after the session: under ptrace, its stops are
+        detached and the loader hooks removed.  Returns False if it had exited."""
+        if self.pid is None or not self._gate.is_set() or self.exit_status is not None:
+            self.terminate()                 # never released, or already gone: nothing to leave
+            return False
+        if self.on_load is not None:
+            self._leaving.set()
+            _signal(self.pid, signal.SIGSTOP)  # wakes the tracer, which then lets go
+            self._thread.join()
+        return self.exit_status is None
 
     # -- the command's thread ----------------------------------------------
 
@@ -197,6 +216,15 @@ class _Tracer:
 
     def _on_stop(self, pid, status):
         signum, event = os.WSTOPSIG(status), status >> 16
+        if self.command._leaving.is_set():   # the session ends and leaves the command running
+            if signum == signal.SIGSTOP and event == 0:
+                self._detach_all(stopped=pid)
+                return
+            if signum == signal.SIGTRAP and (event or self._at_hook(pid)):
+                signum = 0                       # an event, or our hook (its ret done)
+            self._continue(pid, signum)
+            self._detach_all()
+            return
         deliver = 0
         if signum == signal.SIGTRAP and event in (PTRACE_EVENT_FORK, PTRACE_EVENT_VFORK,
                                                    PTRACE_EVENT_CLONE):
@@ -266,12 +294,14 @@ class _Tracer:
         _ptrace(PTRACE_SETREGS, pid, 0, ctypes.addressof(registers))
         return True
 
-    def _detach_all(self):
-        """The command exited: let its surviving descendants go, hooks removed."""
+    def _detach_all(self, stopped=None):
+        """Let every tracee go, hooks removed: the command exited (its surviving
+        descendants go on) or the session leaves it running.  `stopped` is a tracee
+        already in a stop (not at our hook), whose stopping signal is not passed on."""
         for pid in list(self.tracees):
             try:
-                _signal(pid, signal.SIGSTOP)
-                os.waitpid(pid, WALL)
+                if pid != stopped and not self._stop_for_detach(pid):
+                    continue
                 address = self.hooks.get(pid)
                 if address is not None:
                     with open(f"/proc/{pid}/mem", "r+b", buffering=0) as memory:
@@ -282,6 +312,20 @@ class _Tracer:
                 pass
         self.tracees.clear()
 
+    def _stop_for_detach(self, pid):
+        """Stops a running tracee with SIGSTOP; a trap at our hook met on the way is
+        served (its ret done), any other stop passed on.  False if it exited."""
+        _signal(pid, signal.SIGSTOP)
+        while True:
+            _pid, status = os.waitpid(pid, WALL)
+            if not os.WIFSTOPPED(status):
+                return False
+            signum, event = os.WSTOPSIG(status), status >> 16
+            if signum == signal.SIGSTOP and event == 0:
+                return True
+            if signum == signal.SIGTRAP and (event or self._at_hook(pid)):
+                signum = 0
+            _ptrace(PTRACE_CONT, pid, 0, signum)
 
 def _loader_hook(pid):
     """The run-time address of the loader's _dl_debug_state in process `pid`, or None."""

@@ -20,7 +20,9 @@ Scope: system-wide (every process mapping the files, now or later), one
 process (``pid``: each of its threads, inherited by later threads and
 children), or a command (``command``: forked, held before exec until the
 events are open and set to enable on exec, so the semaphore is raised before
-the command's first instruction; see command.py).
+the command's first instruction; see command.py).  A command still running
+when the session closes is ended (SIGTERM, then SIGKILL), or left running
+with ``keep_command``; ``command_ending`` says which.
 
 Semaphores are counted by the kernel (``semaphores="kernel"``: ref_ctr, as
 above) or by sdtrace itself (``"user"``: the uprobes are defined without
@@ -59,7 +61,7 @@ class Session:
     """
 
     def __init__(self, probe_specs, pid=None, command=None, buffer_pages=None,
-                 semaphores="auto", warn=None):
+                 semaphores="auto", warn=None, keep_command=False):
         if pid is not None and command is not None:
             raise SdtraceError("give a PID or a command, not both")
         if semaphores not in SEMAPHORE_MODES:
@@ -78,6 +80,9 @@ class Session:
         self.received = 0        # samples read from the rings
         self.child = None        # pid of the command
         self._command = None     # its command.Command
+        self.keep_command = keep_command   # at close(): leave the command running, not end it
+        self.command_ending = None         # at close(): what became of a command still running
+        self._command_closed = False
         self._manager = None     # semaphores.manager.SemaphoreManager, in user mode
         self._group = None
         self._rings = None
@@ -211,8 +216,11 @@ class Session:
 
     @property
     def exit_status(self):
-        """The command's exit status once it has exited (128+N if killed by signal N)."""
-        return None if self._command is None else self._command.exit_status
+        """The command's exit status once it has exited by itself (128+N if killed by
+        signal N); None if the session ended it or left it running."""
+        if self._command is None or self.command_ending is not None:
+            return None          # no command, or the session ended it or left it running
+        return self._command.exit_status
 
     @property
     def running(self):
@@ -279,8 +287,8 @@ class Session:
     def close(self):
         """Disarm and delete everything this session armed; safe to call twice."""
         started, armed = time.monotonic(), self._group is not None
-        if self._command is not None:
-            self._command.terminate()          # a command does not outlive its session
+        if self._command is not None and not self._command_closed:
+            self._end_command()
         if self._rings is not None:
             self._rings.close()
         if self._manager is not None:
@@ -292,6 +300,18 @@ class Session:
         if armed:
             _log.debug("detached in %.3f s", time.monotonic() - started)
 
+
+    def _end_command(self):
+        """A command does not outlive its session, unless `keep_command` says so."""
+        command, self._command_closed = self._command, True
+        if self.keep_command and command.leave():
+            self.command_ending = f"left command {command.pid} running"
+        else:
+            ended = command.terminate()
+            if ended is not None:
+                self.command_ending = f"ended command {command.pid} ({ended})"
+        if self.command_ending:
+            _log.debug("%s", self.command_ending)
 
 
 class _Warnings(list):
