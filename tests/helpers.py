@@ -68,6 +68,8 @@ PROGRAMS = {
     "nosdt": (("nosdt.c", "command_loop.c"), ()),
     "workload": (("workload.c", "command_loop.c"), ("-pthread",)),
     "addressing": (("addressing.c", "command_loop.c"), ()),
+    # one process shape per run (fork, exec, vfork, posix_spawn...): no command loop
+    "spawner": (("spawner.c",), ("-pthread",)),
     "libsdtldpatha.so": (("ldpath_lib.c",), (*SHARED_LIBRARY, "-DLDPATH_OBJECT=a")),
     "libsdtldpathb.so": (("ldpath_lib.c",), (*SHARED_LIBRARY, "-DLDPATH_OBJECT=b")),
     # linked from the build directory with -L/-l only: no RPATH, no RUNPATH

@@ -2,11 +2,13 @@
 
 ``ProcessMemory`` opens /proc/PID/mem once and checks the process's start
 time, so a reused PID is never taken for the old process; the descriptor
-keeps addressing the memory it was opened on, so after an exec (or exit) I/O
-through it fails (``ProcessGone``) instead of reaching the new image.  An
-address that was unmapped between reading the maps and touching the memory
-raises ``MappingGone``.  ``counter_addresses`` says where a file's counter
-lives: only a writable private VMA holds the live value, since the loader
+keeps addressing the memory it was opened on, so after an exit I/O through
+it fails (``ProcessGone``), and after an exec it fails too
+(``MemoryReplaced``, a ProcessGone: the same process, a new image) instead of
+reaching the new image.  That is how an exec is recognised for certain,
+whatever order its notices arrive in.  An address that was unmapped between
+reading the maps and touching the memory raises ``MappingGone``.
+``counter_addresses`` says where a file's counter lives: only a writable private VMA holds the live value, since the loader
 maps the same file page read-only too (RELRO, the end of the text).
 
 The semaphore layers above use these primitives both to write counters (the
@@ -20,6 +22,11 @@ from .procfs import (ProcessDenied, ProcessGone, alive, mapped_addresses, proces
                      read_starttime)
 
 COUNTER_SIZE = 2           # an SDT semaphore is an unsigned 16-bit counter
+
+
+class MemoryReplaced(ProcessGone):
+    """The process lives on (same PID and start time) but exec'd: the memory a
+    descriptor was opened on, and everything written into it, is gone."""
 
 
 class MappingGone(Exception):
@@ -82,19 +89,28 @@ class ProcessMemory:
         except OSError as error:
             self._failed(error, "read", address)
         if len(data) != size:
-            raise ProcessGone(self.pid)   # the memory this descriptor was opened on is gone
+            self._gone()                  # the memory this descriptor was opened on is gone
         return data
+
+    def _gone(self):
+        if alive(self.pid, self.starttime):
+            raise MemoryReplaced(self.pid)
+        raise ProcessGone(self.pid)
 
     def read_counter(self, address, byteorder):
         return int.from_bytes(self.read(address, COUNTER_SIZE), byteorder)
 
-    def write_counter(self, address, byteorder, value):
+    def write(self, address, data):
+        """Writes `data` at `address` (also into read-only text, as a debugger does)."""
         try:
-            written = os.pwrite(self.fd, value.to_bytes(COUNTER_SIZE, byteorder), address)
+            written = os.pwrite(self.fd, data, address)
         except OSError as error:
             self._failed(error, "write", address)
-        if written != COUNTER_SIZE:
-            raise ProcessGone(self.pid)
+        if written != len(data):
+            self._gone()
+
+    def write_counter(self, address, byteorder, value):
+        self.write(address, value.to_bytes(COUNTER_SIZE, byteorder))
 
     def close(self):
         if self.fd >= 0:

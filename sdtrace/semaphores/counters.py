@@ -40,8 +40,15 @@ while it runs, and loses exactly that one when it stops.
   time; a fork less than 0.1 s after the write is settled by comparing the
   child's value with the parent's): it is recorded as held, never written.
   A child of a holder, or one forked before the first scan ended, is then
-  scanned for counters it did not copy.  exec
-  and exit drop the process's holdings.  Opens of the files come from
+  scanned for counters it did not copy.  An exec or an exit is not told by
+  its event's timestamp: under ptrace the exec stop, where ``-c`` raises the
+  new image, comes *before* the kernel sends the exec event (exec_binprm:
+  ptrace_event, then proc_exec_connector), so a holding made in the new image
+  looks older than the exec.  The memory tells instead: at an exec event, or
+  a thread-group leader's exit event, the process is scanned, and I/O through
+  the descriptor its holdings were made with fails for an image that is gone
+  (``MemoryReplaced`` while the process lives, ``ProcessGone`` once it has
+  exited); only then are the holdings dropped.  Opens of the files come from
   fanotify permission events: while the opener waits in open(2) its map is
   read, so a holding whose mapping is already gone (dlclose, then dlopen
   again) is dropped before the new mapping can appear at the old address;

@@ -17,7 +17,7 @@ from ..errors import SdtraceError
 from ..kernel.log import logger
 from ..kernel.procfs import (ProcessDenied, ProcessGone, file_identity, parse_maps, process_name,
                              read_maps, read_proc, read_starttime, read_stat)
-from ..kernel.procmem import MappingGone, ProcessMemory, counter_addresses
+from ..kernel.procmem import MappingGone, MemoryReplaced, ProcessMemory, counter_addresses
 from .counters import (COUNTER_LIMIT, CounterLock, Holding, Semaphore, log_warning, lower_counter,
                        maps_hold)
 
@@ -247,6 +247,11 @@ class SemaphoreManager:
                     self._raise(memory, holding, value, parent)
         except MappingGone:
             self._schedule(pid)       # its maps changed while we looked: look again
+        except MemoryReplaced:
+            # It exec'd since its holdings were made: they went with the old image.  The
+            # one sure sign, whichever comes first: the exec event, a ptrace stop, a scan.
+            self._forget(pid)
+            self._scan_pid(pid, may_raise)
         except ProcessGone:
             self._forget(pid)
         except ProcessDenied as error:
@@ -302,19 +307,13 @@ class SemaphoreManager:
         if pid not in self._held and pid in self._memories:
             self._memories.pop(pid).close()
 
-    def _forget(self, pid, before_ns=None):
-        """Drops the holdings of `pid` made before `before_ns` (all if None), without writing."""
-        held = self._held.get(pid, {})
-        for holding, counted in list(held.items()):
-            if before_ns is None or counted.since_ns < before_ns:
-                del held[holding]
-                self._tell(holding, 0)
-        if not held:
-            self._held.pop(pid, None)
-        memory = self._memories.get(pid)
-        if memory is not None and (not held or before_ns is None or memory.opened_ns < before_ns):
+    def _forget(self, pid):
+        """Drops the holdings of `pid` and its memory, without writing (it exited or exec'd)."""
+        for holding in self._held.pop(pid, {}):
+            self._tell(holding, 0)
+        memory = self._memories.pop(pid, None)
+        if memory is not None:
             memory.close()
-            del self._memories[pid]
 
     def _tell(self, holding, count):
         if self._guardian is not None:
@@ -411,16 +410,26 @@ class SemaphoreManager:
             if event.kind == "fork" and event.thread == event.pid:
                 self._on_fork(event)
             elif event.kind == "exec":
-                self._forget(event.pid, before_ns=event.timestamp_ns)
-                if self._in_scope(event.pid) and not self._stopping.is_set():
-                    self._schedule(event.pid)
-            elif event.kind == "exit" and event.thread == event.pid:
-                self._forget(event.pid)
+                self._on_exec(event)
+            elif event.kind == "exit" and event.thread == event.pid and event.pid in self._held:
+                # Gone, or only its main thread is (the others run on), or that thread was
+                # reaped by another thread's exec, which took its PID: the scan tells.
+                self._scan_pid(event.pid, may_raise=False)
         if lost:
             self._warn_once("lost", "process events were lost (the system forks faster than "
                             "sdtrace reads): a child forked then may keep an increment")
             if not self._stopping.is_set():
                 self.rescan()
+
+    def _on_exec(self, event):
+        """An exec: what the process held went with its old image, unless what it holds
+        was raised in the new one already (under ptrace the exec stop comes before the
+        exec event, so the timestamps cannot tell); the memory tells (MemoryReplaced)."""
+        pid = event.pid
+        if pid in self._held:
+            self._scan_pid(pid, may_raise=self._in_scope(pid) and not self._stopping.is_set())
+        if self._in_scope(pid) and not self._stopping.is_set():
+            self._schedule(pid)
 
     def _on_fork(self, event):
         """Records the increments a fork child copied from its parent.
