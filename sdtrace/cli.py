@@ -259,13 +259,24 @@ def run_trace(args):
         if timeline is not None:
             timeline.close()
         if armed:
-            _say_command_ending(session)
+            _say_session_end(session)
             sys.stderr.write(output.summary(counts, session.lost))
     return session.exit_status or 0
 
 
-def _say_command_ending(session):
-    """The line before the summary: what became of -c's command, if it still ran."""
+LATE_RAISES_NAMED = 5     # processes named one per line; beyond, a count and the longest
+
+
+def _say_session_end(session):
+    """The lines before the summary: processes whose semaphore user mode raised after
+    their exec (hits before it were missed), and what became of -c's command."""
+    late = sorted(session.late_raises, key=lambda raise_: -raise_[2])
+    for pid, comm, seconds in late[:LATE_RAISES_NAMED]:
+        sys.stderr.write(f"sdtrace: semaphore of {pid} ({comm}) raised {seconds * 1e3:.1f} ms "
+                         f"after exec\n")
+    if len(late) > LATE_RAISES_NAMED:
+        sys.stderr.write(f"sdtrace: and of {len(late) - LATE_RAISES_NAMED} more processes, "
+                         f"up to {late[LATE_RAISES_NAMED][2] * 1e3:.1f} ms after exec\n")
     if session.command_ending:
         sys.stderr.write(f"sdtrace: {session.command_ending}\n")
 
@@ -329,7 +340,7 @@ def _aggregate(args, specs, plan, interval=None, on_interval=None, on_pair=None)
         aggregator.flush()
     if session.lost:
         warn(f"{output.lost_warning(session.lost)}: the results are low")
-    _say_command_ending(session)
+    _say_session_end(session)
     sys.stderr.write(output.summary_line(session.received, session.lost))
     return aggregator.result(), session
 

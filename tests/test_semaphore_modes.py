@@ -12,6 +12,7 @@ baseline after.  Where the modes differ, the test says why:
 """
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -243,3 +244,29 @@ def test_process_shapes_through_a_shell_are_raised_once(fixtures, mode, shape):
     assert summary_counts(result.stderr)[0] <= len(seen), result.stderr
     assert all(wait_for(lambda: not os.path.exists(f"/proc/{pid}")) for pid in seen), \
         "a process of the command outlived it (left stopped?)"
+
+
+def test_user_mode_names_processes_raised_after_their_exec(fixtures, tmp_path):
+    """System-wide in user mode, a process exec'd during the session runs unguarded
+    until its counter is raised: the summary names it and says how late; the kernel
+    mode (ref_ctr at mmap) and a -c command (held at its exec stop) have no such line."""
+    spawner = fixtures.path("spawner")
+    late = re.compile(r"^sdtrace: semaphore of (\d+) \(spawner\) raised [\d.]+ ms after exec$",
+                      re.M)
+    for mode in MODES:
+        tracer = Tracer(tmp_path, "--semaphores", mode, f"{spawner}:spawner:value")
+        try:
+            waiting = subprocess.Popen([spawner, "wait"], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, text=True)
+            pid = int(waiting.stdout.readline().split()[1])
+            assert wait_for(lambda: audit(pid, "spawner:value").get("spawner:value") == [1])
+            assert waiting.communicate("", timeout=30)[0].split()[-1] == "1"   # saw it raised
+            tracer.stop()
+        finally:
+            tracer.kill()
+        named = [int(match) for match in late.findall(tracer.stderr)]
+        assert named == ([pid] if mode == "user" else []), tracer.stderr
+    result = subprocess.run(sdtrace_command("trace", "--semaphores", "user", "-c",
+                                            f"{spawner} report", f"{spawner}:spawner:value"),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and not late.search(result.stderr), result.stderr

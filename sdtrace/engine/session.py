@@ -83,6 +83,7 @@ class Session:
         self.keep_command = keep_command   # at close(): leave the command running, not end it
         self.command_ending = None         # at close(): what became of a command still running
         self._command_closed = False
+        self.late_raises = []    # user mode, at close(): (pid, comm, seconds) raised after exec
         self._manager = None     # semaphores.manager.SemaphoreManager, in user mode
         self._group = None
         self._rings = None
@@ -294,6 +295,8 @@ class Session:
         if self._manager is not None:
             manager, self._manager = self._manager, None
             manager.stop()
+            if self._command is None or self._command.on_load is None:
+                self.late_raises = manager.late_raises()   # a held command has no window
         if self._group is not None:
             group, self._group = self._group, None
             tracefs.remove_group(group)

@@ -99,6 +99,8 @@ class SemaphoreManager:
         self._wake_read = self._wake_write = -1
         self._started = False
         self._scanned_ns = None  # when the first scan ended
+        self._exec_ns = {}       # pid -> when it exec'd during the session (proc connector)
+        self._late = {}          # pid -> (comm, seconds from its exec to its first raise)
 
     @classmethod
     def for_probes(cls, probes, scope=None, **options):
@@ -159,6 +161,14 @@ class SemaphoreManager:
         for pid in self._candidates() if pids is None else pids:
             with self._lock:
                 self._scan_pid(pid, may_raise=True)
+
+    def late_raises(self):
+        """(pid, comm, seconds) of each process that exec'd during the session and
+        ran its new image unguarded until its first counter was raised -- user mode's
+        window, which the kernel's ref_ctr does not have.  (A process held at its exec
+        until raised, as ``-c`` does, ran nothing meanwhile: its entry means nothing.)"""
+        with self._lock:
+            return [(pid, comm, seconds) for pid, (comm, seconds) in self._late.items()]
 
     def holdings(self):
         """{Holding: count} of the counters this session holds now."""
@@ -286,6 +296,13 @@ class SemaphoreManager:
         _log.debug("process %d: semaphore at %s+0x%x raised: %d -> %d", holding.pid,
                    holding.path, holding.offset, value, value + 1)
         self._record(holding, _Count(1, since, time.monotonic_ns(), parent))
+        self._note_lateness(holding.pid, since)
+
+    def _note_lateness(self, pid, raised_ns):
+        """Records how long after its exec `pid` was first raised, if it was after."""
+        exec_ns = self._exec_ns.get(pid)
+        if exec_ns is not None and raised_ns > exec_ns and pid not in self._late:
+            self._late[pid] = (process_name(pid), (raised_ns - exec_ns) / 1e9)
 
     def _record(self, holding, counted):
         held = self._held.setdefault(holding.pid, {})
@@ -411,10 +428,13 @@ class SemaphoreManager:
                 self._on_fork(event)
             elif event.kind == "exec":
                 self._on_exec(event)
-            elif event.kind == "exit" and event.thread == event.pid and event.pid in self._held:
+            elif event.kind == "exit" and event.thread == event.pid:
                 # Gone, or only its main thread is (the others run on), or that thread was
                 # reaped by another thread's exec, which took its PID: the scan tells.
-                self._scan_pid(event.pid, may_raise=False)
+                if event.pid in self._held:
+                    self._scan_pid(event.pid, may_raise=False)
+                if event.pid not in self._held:
+                    self._exec_ns.pop(event.pid, None)
         if lost:
             self._warn_once("lost", "process events were lost (the system forks faster than "
                             "sdtrace reads): a child forked then may keep an increment")
@@ -426,8 +446,14 @@ class SemaphoreManager:
         was raised in the new one already (under ptrace the exec stop comes before the
         exec event, so the timestamps cannot tell); the memory tells (MemoryReplaced)."""
         pid = event.pid
+        if self._started and self._in_scope(pid):
+            self._exec_ns[pid] = event.timestamp_ns
+            self._late.pop(pid, None)            # a new image: its own window
         if pid in self._held:
             self._scan_pid(pid, may_raise=self._in_scope(pid) and not self._stopping.is_set())
+        if pid in self._held and pid in self._exec_ns:   # raised before this event came
+            first = min(counted.since_ns for counted in self._held[pid].values())
+            self._note_lateness(pid, first)
         if self._in_scope(pid) and not self._stopping.is_set():
             self._schedule(pid)
 
