@@ -8,8 +8,9 @@ it fails (``ProcessGone``), and after an exec it fails too
 reaching the new image.  That is how an exec is recognised for certain,
 whatever order its notices arrive in.  An address that was unmapped between
 reading the maps and touching the memory raises ``MappingGone``.
-``counter_addresses`` says where a file's counter lives: only a writable private VMA holds the live value, since the loader
-maps the same file page read-only too (RELRO, the end of the text).
+``counter_addresses`` says where a file's counter lives: only a writable
+private VMA holds the live value, since the loader maps the same file page
+read-only too (RELRO, the end of the text).
 
 The semaphore layers above use these primitives both to write counters (the
 manager) and only to read them (the audit).
