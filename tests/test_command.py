@@ -1,6 +1,7 @@
 """-c at the end of a session: the command sdtrace started is ended (SIGTERM, then
 SIGKILL), or left running with --keep-command, and the line before the summary says
 which; in user mode a command left running is detached unharmed."""
+import json
 import os
 import re
 import subprocess
@@ -105,3 +106,48 @@ def test_keep_command_leaves_it_running_unharmed(tmp_path, mode):
     assert wait_for(lambda: os.path.exists(f"{flag}.done"), timeout=20), \
         "the command died at its dlopen after the session"
     assert wait_for(lambda: gone(pid), timeout=20)
+
+
+def test_a_killed_session_does_not_kill_its_command_at_dlopen(tmp_path):
+    """User mode plants an int3 in the command's loader (_dl_debug_state). SIGKILL
+    sdtrace: the guardian restores the byte, so the command's next dlopen does not trap
+    with nobody to serve it, and its counter is lowered."""
+    flag, log = tmp_path / "go", tmp_path / "stderr"
+    with open(log, "w") as stderr:
+        tracer = subprocess.Popen(
+            sdtrace_command("trace", "--semaphores", "user", "-c",
+                            f"{PYTHON} {script(tmp_path, LATER)} {flag}", "python:gc__start"),
+            stdout=subprocess.DEVNULL, stderr=stderr)
+    try:
+        assert wait_for(lambda: "Ctrl-C to end" in log.read_text(), timeout=60), log.read_text()
+        assert wait_for(lambda: _command_of(tracer.pid, str(flag)), timeout=10)
+        command = _command_of(tracer.pid, str(flag))
+        assert gc_semaphore(command) == 1
+    finally:
+        tracer.kill()
+        tracer.wait()
+    assert wait_for(lambda: gc_semaphore(command) == 0), "the guardian did not lower it"
+    assert sdtrace("cleanup").returncode == 0     # the killed session's uprobe definitions
+    flag.write_text("")
+    assert wait_for(lambda: os.path.exists(f"{flag}.done"), timeout=20), \
+        "the command died at its dlopen after sdtrace was killed"
+
+
+def _command_of(pid, argument):
+    """The child of `pid` (sdtrace; any of its threads) that runs with `argument` (not its
+    guardian), or None."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as children:
+            for child in map(int, children.read().split()):
+                with open(f"/proc/{child}/cmdline", "rb") as cmdline:
+                    if argument.encode() in cmdline.read().split(b"\0"):
+                        return child
+    return None
+
+
+def gc_semaphore(pid):
+    result = subprocess.run(sdtrace_command("semaphores", "-p", str(pid), "--json",
+                                            "python:gc__start"),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.splitlines()[0])["value"]

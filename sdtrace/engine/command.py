@@ -22,6 +22,10 @@ and the process continues.  The breakpoint is an int3 written over the
 first byte of ``_dl_debug_state``, which is a bare ``ret``: at the trap the
 tracer performs the ``ret`` itself (pops the return address into the
 instruction pointer), so nothing has to be restored or single-stepped.
+Each int3 is told to the semaphore guardian before it is written
+(``on_patch``, a kernel.procmem.CodePatch): if sdtrace dies, the kernel
+detaches the tracees and the guardian writes the ``ret`` back, so the
+command's next dlopen does not trap with no tracer to serve it.
 Threads, forks and execs of the command are followed (PTRACE_O_TRACECLONE,
 TRACEFORK, TRACEVFORK, TRACEEXEC), so every process of the tree is held the
 same way.  Only x86-64 is supported for these stops; elsewhere the command
@@ -38,9 +42,12 @@ import os
 import signal
 import struct
 import threading
+from dataclasses import replace
 
 from ..errors import SdtraceError
 from ..kernel.libc import checked, libc, machine
+from ..kernel.procfs import read_starttime
+from ..kernel.procmem import CodePatch
 
 PTRACE_TRACEME, PTRACE_CONT, PTRACE_GETREGS, PTRACE_SETREGS = 0, 7, 12, 13
 PTRACE_DETACH, PTRACE_SETOPTIONS, PTRACE_GETEVENTMSG = 17, 0x4200, 0x4201
@@ -60,7 +67,7 @@ LOADER_HOOK = "_dl_debug_state"
 class Command:
     """One command run for a session; `exit_status` is None until it has exited."""
 
-    def __init__(self, argv, on_load=None):
+    def __init__(self, argv, on_load=None, on_patch=None):
         self.argv = list(argv)
         self.pid = None
         self.exit_status = None
@@ -70,6 +77,7 @@ class Command:
                                  f"{machine()}: its semaphores are raised as they are noticed")
             on_load = None
         self.on_load = on_load           # stop at exec and library loads, call on_load(pid)
+        self.on_patch = on_patch or (lambda _patch, _planted: None)   # each int3 planted/gone
         self._gate = threading.Event()   # set by release()
         self._started = threading.Event()
         self._exec_done = threading.Event()
@@ -182,7 +190,7 @@ class _Tracer:
     def __init__(self, command):
         self.command = command
         self.tracees = {command.pid}
-        self.hooks = {}           # tgid -> run-time address of _dl_debug_state's int3
+        self.hooks = {}           # tid -> the CodePatch of its process's int3 in _dl_debug_state
         self.tgids = {command.pid: command.pid}
         self.unannounced = set()  # stopped before their parent's fork/clone event arrived
         self.fresh = set()        # announced, first stop (SIGSTOP) not yet seen
@@ -207,7 +215,7 @@ class _Tracer:
                 continue                              # else another child of ours (module doc)
             if os.WIFEXITED(status) or os.WIFSIGNALED(status):
                 self.tracees.discard(pid)
-                self.hooks.pop(pid, None)
+                self._forget_hook(pid)
                 if pid == command.pid:
                     command.exit_status = _exit_code(status)
                     self._detach_all()
@@ -233,8 +241,9 @@ class _Tracer:
             self.fresh.add(child)
             thread = event == PTRACE_EVENT_CLONE and _tgid(child) == self.tgids.get(pid, pid)
             self.tgids[child] = self.tgids.get(pid, pid) if thread else child
-            if pid in self.hooks:
-                self.hooks[child] = self.hooks[pid]    # same or copied memory: same int3
+            if pid in self.hooks:                      # same or copied memory: same int3
+                self.hooks[child] = self.hooks[pid] if thread else self._copied_hook(
+                    self.hooks[pid], child)
             if child in self.unannounced:              # its first stop came first
                 self.unannounced.discard(child)
                 self.fresh.discard(child)
@@ -259,27 +268,44 @@ class _Tracer:
     def _at_exec(self, pid):
         """A fresh image: raise its counters, then plant the loader hook."""
         self.command.on_load(pid)
-        self.hooks.pop(pid, None)
-        address = _loader_hook(pid)
-        if address is None:
+        self._forget_hook(pid)
+        hook = _loader_hook(pid)
+        if hook is None:
             self.command.warnings.append(
                 f"process {pid}: no {LOADER_HOOK} in its loader; libraries it loads later "
                 "are raised when the semaphore manager notices them")
             return
+        address, loader, file_offset = hook
+        patch = CodePatch(pid, read_starttime(pid), *loader, file_offset, address, RET[0],
+                          INT3[0])
         with open(f"/proc/{pid}/mem", "r+b", buffering=0) as memory:
             memory.seek(address)
             if memory.read(1) != RET:
                 self.command.warnings.append(f"process {pid}: {LOADER_HOOK} is not a bare ret")
                 return
+            self.command.on_patch(patch, True)     # told before it exists, as counters are
             memory.seek(address)
             memory.write(INT3)
-        self.hooks[pid] = address
+        self.hooks[pid] = patch
+
+    def _copied_hook(self, patch, child):
+        """The int3 a fork child copied with its parent's memory, told as its own."""
+        copied = replace(patch, pid=child, starttime=read_starttime(child))
+        self.command.on_patch(copied, True)
+        return copied
+
+    def _forget_hook(self, pid):
+        """`pid` exited or exec'd: its int3 went with its memory."""
+        patch = self.hooks.pop(pid, None)
+        if patch is not None and patch not in self.hooks.values():
+            self.command.on_patch(patch, False)
 
     def _at_hook(self, pid):
         """Our int3 in _dl_debug_state: rescan, then do its ret; False if not ours."""
-        address = self.hooks.get(pid)
-        if address is None:
+        patch = self.hooks.get(pid)
+        if patch is None:
             return False
+        address = patch.address
         registers = ctypes.create_string_buffer(USER_REGS.size)
         _ptrace(PTRACE_GETREGS, pid, 0, ctypes.addressof(registers))
         values = list(USER_REGS.unpack(registers.raw))
@@ -302,11 +328,12 @@ class _Tracer:
             try:
                 if pid != stopped and not self._stop_for_detach(pid):
                     continue
-                address = self.hooks.get(pid)
-                if address is not None:
+                patch = self.hooks.get(pid)
+                if patch is not None:
                     with open(f"/proc/{pid}/mem", "r+b", buffering=0) as memory:
-                        memory.seek(address)
+                        memory.seek(patch.address)
                         memory.write(RET)
+                    self._forget_hook(pid)
                 _ptrace(PTRACE_DETACH, pid, 0, signal.SIGCONT)
             except OSError:
                 pass
@@ -328,7 +355,8 @@ class _Tracer:
             _ptrace(PTRACE_CONT, pid, 0, signum)
 
 def _loader_hook(pid):
-    """The run-time address of the loader's _dl_debug_state in process `pid`, or None."""
+    """(run-time address, the loader's (major, minor, inode), file offset) of the
+    loader's _dl_debug_state in process `pid`, or None."""
     from ..discovery.elf import ElfError, ElfFile
     from ..kernel.procfs import (ProcessDenied, ProcessGone, file_identity, mapped_addresses,
                                  read_maps)
@@ -349,7 +377,7 @@ def _loader_hook(pid):
         addresses = mapped_addresses(read_maps(pid), loader, file_offset, "x")
     except (OSError, ElfError, ProcessGone, ProcessDenied):
         return None
-    return addresses[0] if addresses else None
+    return (addresses[0], loader, file_offset) if addresses else None
 
 
 def _tgid(tid):

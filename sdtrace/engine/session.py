@@ -117,7 +117,8 @@ class Session:
         if self.command is not None:
             from .command import Command
 
-            self._command = Command(self.command, on_load=self._raise_in if user_mode else None)
+            self._command = Command(self.command, on_load=self._raise_in if user_mode else None,
+                                    on_patch=self._guard_patch if user_mode else None)
             self.child = self._command.start()
         if user_mode:
             from ..kernel import procfs
@@ -142,6 +143,11 @@ class Session:
     def _raise_in(self, pid):
         """User mode: raise the session's counters in process `pid` (and keep them raised)."""
         self._manager.rescan([pid])
+
+    def _guard_patch(self, patch, planted):
+        """User mode: the guardian undoes the command's loader int3 if this process dies."""
+        if self._manager is not None:
+            self._manager.guard_patch(patch, planted)
 
     def _select(self):
         parsed = [specs.parse_spec(text) for text in self.spec_texts]

@@ -13,16 +13,56 @@ private VMA holds the live value, since the loader maps the same file page
 read-only too (RELRO, the end of the text).
 
 The semaphore layers above use these primitives both to write counters (the
-manager) and only to read them (the audit).
+manager) and only to read them (the audit).  ``CodePatch`` is one byte a
+tracer wrote into a process's text (``-c``'s breakpoint in the loader),
+described so that another process can undo it: ``undo`` restores it only in
+the same process, in the same file mapping, while the byte is still ours.
 """
 import errno
 import os
 import time
+from dataclasses import dataclass
 
 from .procfs import (ProcessDenied, ProcessGone, alive, mapped_addresses, process_name,
-                     read_starttime)
+                     read_maps, read_starttime)
 
 COUNTER_SIZE = 2           # an SDT semaphore is an unsigned 16-bit counter
+
+
+@dataclass(frozen=True)
+class CodePatch:
+    """Byte `patched` written over `original` at `address` of process (pid, starttime),
+    where file (major, minor, inode) is mapped executable at `file_offset`."""
+    pid: int
+    starttime: int
+    major: int
+    minor: int
+    inode: int
+    file_offset: int
+    address: int
+    original: int
+    patched: int
+
+    def undo(self):
+        """Writes the original byte back if the process, its mapping of the file and
+        our byte are all still there; returns whether it did."""
+        try:
+            if not alive(self.pid, self.starttime):
+                return False
+            file_id = (self.major, self.minor, self.inode)
+            if self.address not in mapped_addresses(read_maps(self.pid), file_id,
+                                                    self.file_offset, "x"):
+                return False          # exec'd or unmapped: not our text any more
+            memory = ProcessMemory(self.pid, self.starttime)
+            try:
+                if memory.read(self.address, 1)[0] != self.patched:
+                    return False
+                memory.write(self.address, bytes([self.original]))
+            finally:
+                memory.close()
+        except (ProcessGone, ProcessDenied, MappingGone):
+            return False
+        return True
 
 
 class MemoryReplaced(ProcessGone):

@@ -22,6 +22,16 @@ take its increments back even when it is SIGKILLed.  Two mechanisms do it:
    cleanup`` -- or anything calling ``revert_dead_ledgers()`` -- reverts the
    ledgers whose owner and guardian are both gone.
 
+The guardian also undoes the session's code patches: ``-c`` in user mode
+plants an int3 in each traced process's loader (engine/command.py), which
+would kill the process at its next dlopen once no tracer serves it.  Each
+patch is told as ``{"patch": {...}, "planted": true|false}``; when the
+session dies the guardian restores every planted byte first
+(procmem.CodePatch.undo, which checks process, mapping and byte).  A
+process stopped at that trap at the very moment of the death, or one that
+reaches it in the milliseconds before the guardian restores it, is not
+saved.
+
 The guardian does not follow forks made after the session died: a child
 forked from a raised process in the moment before the guardian lowers it
 keeps a copy of the increment until it exits.
@@ -39,6 +49,7 @@ from dataclasses import asdict
 
 from ..errors import SdtraceError
 from ..kernel.procfs import alive, read_starttime
+from ..kernel.procmem import CodePatch
 from .counters import RUN_DIR, Holding, ensure_run_dir, log_warning, revert_holdings
 
 LEDGER_PATTERN = "semaphores-*.json"
@@ -93,6 +104,10 @@ class GuardianLink:
     def record(self, holding, count):
         """Tells the guardian that the session now holds `count` increments of `holding`."""
         self._send(json.dumps(_entry(holding, count)).encode() + b"\n")
+
+    def record_patch(self, patch, planted):
+        """Tells the guardian that code patch `patch` is in place (or is gone)."""
+        self._send(json.dumps({"patch": asdict(patch), "planted": planted}).encode() + b"\n")
 
     def finish(self):
         """The session ended cleanly: the guardian drops the ledger and exits."""
@@ -181,7 +196,7 @@ def main(argv):
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     owner = {"pid": int(owner_pid), "starttime": int(owner_starttime)}
     guardian = {"pid": os.getpid(), "starttime": read_starttime(os.getpid())}
-    holdings = {}
+    holdings, patches = {}, set()
     write_ledger(ledger_path, owner, guardian, holdings)
     sys.stdout.write(READY + "\n")
     sys.stdout.flush()
@@ -194,6 +209,10 @@ def main(argv):
         for line in lines:
             if line == DONE:
                 finished = True
+            elif line.startswith(b'{"patch"'):
+                entry = json.loads(line)
+                patch = CodePatch(**entry["patch"])
+                (patches.add if entry["planted"] else patches.discard)(patch)
             elif line:
                 holding, count = _from_entry(json.loads(line))
                 if count:
@@ -202,6 +221,8 @@ def main(argv):
                     holdings.pop(holding, None)
         write_ledger(ledger_path, owner, guardian, holdings)
     if not finished:
+        for patch in patches:            # first: a trap nobody serves kills the process
+            patch.undo()
         revert_holdings(holdings.items(), _warn_on_stderr)
     os.unlink(ledger_path)
     return 0

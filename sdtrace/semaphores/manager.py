@@ -170,6 +170,13 @@ class SemaphoreManager:
         with self._lock:
             return [(pid, comm, seconds) for pid, (comm, seconds) in self._late.items()]
 
+    def guard_patch(self, patch, planted):
+        """Has the guardian undo code patch `patch` (a kernel.procmem.CodePatch) if this
+        session dies while it is planted (``planted=False``: it is gone)."""
+        with self._lock:
+            if self._guardian is not None:
+                self._guardian.record_patch(patch, planted)
+
     def holdings(self):
         """{Holding: count} of the counters this session holds now."""
         with self._lock:
