@@ -46,7 +46,7 @@ from dataclasses import replace
 
 from ..errors import SdtraceError
 from ..kernel.libc import checked, libc, machine
-from ..kernel.procfs import read_starttime
+from ..kernel.procfs import ProcessDenied, ProcessGone, read_starttime
 from ..kernel.procmem import CodePatch
 
 PTRACE_TRACEME, PTRACE_CONT, PTRACE_GETREGS, PTRACE_SETREGS = 0, 7, 12, 13
@@ -242,8 +242,7 @@ class _Tracer:
             thread = event == PTRACE_EVENT_CLONE and _tgid(child) == self.tgids.get(pid, pid)
             self.tgids[child] = self.tgids.get(pid, pid) if thread else child
             if pid in self.hooks:                      # same or copied memory: same int3
-                self.hooks[child] = self.hooks[pid] if thread else self._copied_hook(
-                    self.hooks[pid], child)
+                self._share_hook(pid, child, thread)
             if child in self.unannounced:              # its first stop came first
                 self.unannounced.discard(child)
                 self.fresh.discard(child)
@@ -288,11 +287,17 @@ class _Tracer:
             memory.write(INT3)
         self.hooks[pid] = patch
 
-    def _copied_hook(self, patch, child):
-        """The int3 a fork child copied with its parent's memory, told as its own."""
-        copied = replace(patch, pid=child, starttime=read_starttime(child))
-        self.command.on_patch(copied, True)
-        return copied
+    def _share_hook(self, parent, child, thread):
+        """A new thread shares its process's int3; a fork child copied it with its
+        parent's memory, and it is told as the child's own."""
+        patch = self.hooks[parent]
+        if not thread:
+            try:
+                patch = replace(patch, pid=child, starttime=read_starttime(child))
+            except (ProcessGone, ProcessDenied):
+                return                                 # gone already: nothing to undo
+            self.command.on_patch(patch, True)
+        self.hooks[child] = patch
 
     def _forget_hook(self, pid):
         """`pid` exited or exec'd: its int3 went with its memory."""
@@ -358,8 +363,7 @@ def _loader_hook(pid):
     """(run-time address, the loader's (major, minor, inode), file offset) of the
     loader's _dl_debug_state in process `pid`, or None."""
     from ..discovery.elf import ElfError, ElfFile
-    from ..kernel.procfs import (ProcessDenied, ProcessGone, file_identity, mapped_addresses,
-                                 read_maps)
+    from ..kernel.procfs import file_identity, mapped_addresses, read_maps
 
     try:
         executable = os.readlink(f"/proc/{pid}/exe")
