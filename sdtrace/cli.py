@@ -77,12 +77,14 @@ def _add_session_options(parser):
                              "summary says how late); -c commands are held until raised")
 
 
+DEBUG_HELP = ("log what sdtrace decides and does (semaphore mode, uprobe definitions, perf "
+              "fds, counters, timings) to stderr")
+
+
 def build_parser():
     parser = _Parser(prog="sdtrace", description="Trace USDT (SystemTap SDT) markers.")
     parser.add_argument("--version", action="version", version=f"sdtrace {__version__}")
-    parser.add_argument("--debug", action="store_true",
-                        help="log what sdtrace decides and does (semaphore mode, uprobe "
-                             "definitions, perf fds, counters, timings) to stderr")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     # prog= spares argparse a HelpFormatter at start-up; subcommands are _Parsers too
     commands = parser.add_subparsers(dest="subcommand", metavar="COMMAND", prog="sdtrace")
     commands.required = True
@@ -179,6 +181,9 @@ def build_parser():
                     "--semaphores=auto picks, and why.")
     info.add_argument("--json", action="store_true", help="write one JSON object")
     info.set_defaults(run=run_info)
+    for subcommand in commands.choices.values():   # --debug after the command too, as in perf
+        subcommand.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                                help=DEBUG_HELP)
     return parser
 
 

@@ -70,13 +70,16 @@ def semuser_command(fixtures):
 
 
 @pytest.mark.kernel
-@pytest.mark.parametrize("mode", ("kernel", "user"))
-def test_debug_logs_the_decisions(fixtures, mode):
+@pytest.mark.parametrize("mode, debug_first", (("kernel", True), ("user", False)))
+def test_debug_logs_the_decisions(fixtures, mode, debug_first):
+    """--debug before the command or after it (as perf takes -v), logged the same."""
     library_path = fixtures.path("libsdtsem.so")
+    arguments = ["trace", "--semaphores", mode]
+    arguments.insert(0 if debug_first else 1, "--debug")
     with Target(fixtures.path("semuser"), library_path) as target:
         target.send("load")
-        result = sdtrace("--debug", "trace", "--semaphores", mode, "-p", str(target.pid),
-                         "-d", "0.5", f"{library_path}:semlib:tick")
+        result = sdtrace(*arguments, "-p", str(target.pid), "-d", "0.5",
+                         f"{library_path}:semlib:tick")
     assert result.returncode == 0, result.stderr
     debug = [line for line in result.stderr.splitlines() if line.startswith("sdtrace: debug: ")]
     expected = [f"semaphores: {mode}, as asked", "executor: tracefs", "defined p:sdtrace_",
