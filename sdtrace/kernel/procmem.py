@@ -20,7 +20,6 @@ the same process, in the same file mapping, while the byte is still ours.
 """
 import errno
 import os
-import time
 from dataclasses import dataclass
 
 from .procfs import (ProcessDenied, ProcessGone, alive, mapped_addresses, process_name,
@@ -95,7 +94,6 @@ class ProcessMemory:
 
     def __init__(self, pid, starttime=None, writable=True):
         self.pid = pid
-        self.opened_ns = time.monotonic_ns()
         try:
             self.fd = os.open(f"/proc/{pid}/mem",
                               (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC)
