@@ -224,6 +224,29 @@ def test_the_program_dispatches_on_the_cookie_and_counts_losses(fixtures):
     assert found[-6:] == assembled(lost)
 
 
+def test_a_tree_scoped_program_returns_first_for_processes_outside_the_tree(fixtures):
+    site = site_named(fixtures.path("values"), "nosem")
+    group = {0: (site, codegen.plan_site(site))}
+    plain, _layouts = codegen.generate(group, ring_fd=3, lost_fd=4)
+    scoped, _layouts = codegen.generate(group, ring_fd=3, lost_fd=4, tree_fd=5)
+
+    def check(code):
+        code.mov(R6, R1)
+        code.call("get_current_pid_tgid")
+        code.alu64("rsh", R0, 32)
+        code.store(4, R10, -4, R0)
+        code.load_map(R1, 5)
+        code.mov(R2, R10)
+        code.alu64("add", R2, -4)
+        code.call("map_lookup_elem")
+    found = slots(scoped)
+    assert found[:9] == assembled(check)
+    jump = found[9]
+    assert (jump.code, jump.dst, jump.imm) == (0x15, 0, 0)        # if r0 == 0
+    assert 10 + jump.offset == len(found) - 2                     # goto "out": return 0
+    assert found[10:] == assembled(lambda code: code.mov(R1, R6)) + slots(plain)[1:]
+
+
 def test_sites_with_equal_plans_share_a_block(fixtures):
     site = site_named(fixtures.path("values"), "nosem")
     plans = codegen.plan_site(site)

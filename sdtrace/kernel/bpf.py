@@ -1,4 +1,4 @@
-"""The bpf() system call: maps, programs and uprobe_multi links, each owned by an fd.
+"""The bpf() system call: maps, programs and links (uprobe_multi, perf event), each an fd.
 
 ``bpf(cmd, attr, size)`` takes one ``union bpf_attr``, whose member depends on
 the command.  Each member this module uses is declared below as data
@@ -31,7 +31,13 @@ The features used, and the kernels that brought them:
   (0b779b61f651, "bpf: Add cookies support for uprobe_multi link"), for one
   process or all (b733eeade420, "bpf: Add pid filter support for
   uprobe_multi link").  The program must be loaded as a kprobe program with
-  that expected attach type.
+  that expected attach type;
+* ``BPF_PROG_TYPE_TRACEPOINT`` programs (4.7, 98b5c2c65c29, "perf, bpf: allow
+  bpf programs attach to tracepoints"), whose context is the trace event's
+  record as its ``format`` file lays it out, attached to a perf event of the
+  tracepoint with ``BPF_LINK_CREATE`` and ``BPF_PERF_EVENT``: 5.15,
+  b89fbfbb854c ("bpf: Implement minimal BPF perf link").  The link holds the
+  perf event, so its fd is the attachment's only owner.
 
 A refused call raises BpfRefused, one line naming what was refused and the
 errno by name.  A refused program load is retried once with a verifier log
@@ -67,6 +73,8 @@ BPF_MAP_TYPE_RINGBUF = 27
 
 # enum bpf_prog_type, enum bpf_attach_type
 BPF_PROG_TYPE_KPROBE = 2
+BPF_PROG_TYPE_TRACEPOINT = 5
+BPF_PERF_EVENT = 41
 BPF_TRACE_UPROBE_MULTI = 48
 
 # map update flags
@@ -109,6 +117,8 @@ LINK_CREATE_UPROBE_MULTI = Layout(("prog_fd", "I"), ("target_fd", "I"), ("attach
                                   ("flags", "I"), ("path", "Q"), ("offsets", "Q"),
                                   ("ref_ctr_offsets", "Q"), ("cookies", "Q"), ("cnt", "I"),
                                   ("uprobe_flags", "I"), ("pid", "I"), (None, "4x"))
+LINK_CREATE_PERF_EVENT = Layout(("prog_fd", "I"), ("target_fd", "I"), ("attach_type", "I"),
+                                ("flags", "I"), ("bpf_cookie", "Q"))
 INSTRUCTION_SIZE = 8
 
 
@@ -176,6 +186,22 @@ class FdObject:
         return f"<{type(self).__name__} {self.name!r} fd={self.fd}>"
 
 
+class Owned:
+    """Kernel objects owned together: own() adds one, close() closes them newest first
+    (so links go before the programs and maps they hold); close() is idempotent."""
+
+    def __init__(self):
+        self._objects = []
+
+    def own(self, kernel_object):
+        self._objects.append(kernel_object)
+        return kernel_object
+
+    def close(self) -> None:
+        while self._objects:
+            self._objects.pop().close()
+
+
 class Map(FdObject):
     """A BPF map: fixed-size keys and values, looked up and updated by bytes."""
 
@@ -235,6 +261,10 @@ class Map(FdObject):
             return []
         return [raw[start:start + self.value_size]
                 for start in range(0, len(raw), self.slot_size)]
+
+    def total_per_cpu(self, key: bytes) -> int:
+        """A per-CPU map's u64 counters at `key`, summed over the CPUs."""
+        return sum(int.from_bytes(value, "little") for value in self.lookup_per_cpu(key))
 
     def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
         if len(value) != self.value_bytes:
@@ -326,6 +356,20 @@ class UprobeMultiLink(FdObject):
         fd = bpf(BPF_LINK_CREATE, attr, what)
         super().__init__(fd, program.name)
         self.path, self.offsets, self.pid = path, tuple(offsets), pid
+
+
+class PerfEventLink(FdObject):
+    """`program` (a tracepoint program) attached to the perf event open on `perf_fd`.
+
+    The link takes its own reference to the event: the caller may close `perf_fd`
+    once this returns, leaving the link's fd the attachment's only owner."""
+
+    def __init__(self, program: Program, perf_fd: int):
+        fd = bpf(BPF_LINK_CREATE,
+                 LINK_CREATE_PERF_EVENT.pack(prog_fd=program.fd, target_fd=perf_fd,
+                                             attach_type=BPF_PERF_EVENT),
+                 f"attaching program {program.name} to perf event fd {perf_fd}")
+        super().__init__(fd, program.name)
 
 
 def _u64_array(values: Optional[Iterable[int]]):

@@ -63,10 +63,11 @@ ATOMIC_ADD = 0x00                # the immediate of an ATOMIC add without fetch
 PSEUDO_MAP_FD = 1                # src of a wide load whose immediate is a map fd
 
 # enum bpf_func_id: the helpers sdtrace's programs call
-HELPERS = {"map_lookup_elem": 1, "map_update_elem": 2, "probe_read": 4, "ktime_get_ns": 5,
-           "get_smp_processor_id": 8, "get_current_pid_tgid": 14, "get_current_comm": 16,
-           "probe_read_user": 112, "probe_read_user_str": 114, "ringbuf_reserve": 131,
-           "ringbuf_submit": 132, "ringbuf_discard": 133, "get_attach_cookie": 174}
+HELPERS = {"map_lookup_elem": 1, "map_update_elem": 2, "map_delete_elem": 3, "probe_read": 4,
+           "ktime_get_ns": 5, "get_smp_processor_id": 8, "get_current_pid_tgid": 14,
+           "get_current_comm": 16, "probe_read_user": 112, "probe_read_user_str": 114,
+           "ringbuf_reserve": 131, "ringbuf_submit": 132, "ringbuf_discard": 133,
+           "get_attach_cookie": 174}
 
 # One 8-byte slot; `offset` of a jump may be a label name until assembly.
 Instruction = namedtuple("Instruction", "code dst src offset imm")

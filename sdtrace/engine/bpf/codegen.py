@@ -5,7 +5,9 @@ program must know which site it runs for: the link gives each site a
 cookie, its site id, which ``bpf_get_attach_cookie`` returns.  The program
 compares the cookie with the site ids and jumps to the block of code
 generated from that site's operands; sites whose plans are equal (the same
-operands read the same way) share a block.  A block:
+operands read the same way) share a block.  When the executor follows a
+process tree (``scope``), the program first looks the current process's
+tgid up in the tree's map and returns at once if it is not there.  A block:
 
 1. reserves the site's record on the BPF ring buffer
    (``bpf_ringbuf_reserve``, size known when generating, as the verifier
@@ -51,8 +53,9 @@ from collections import namedtuple
 
 from ...discovery import operands as ops
 from ...errors import SdtraceError
+from ...kernel.bpf import BPF_ANY
 from .. import fetchargs
-from .asm import R0, R1, R2, R3, R6, R7, R8, R9, R10, Assembler
+from .asm import R0, R1, R2, R3, R4, R6, R7, R8, R9, R10, Assembler
 
 DEFAULT_STRING_LENGTH = 64
 MAX_ARGUMENTS = 32                 # one bit each in `missing` and `truncated`
@@ -348,18 +351,26 @@ def _signed32(value):
     return value - (1 << 32) if value >> 31 else value
 
 
-def generate(sites, ring_fd, lost_fd, string_length=DEFAULT_STRING_LENGTH):
+def generate(sites, ring_fd, lost_fd, string_length=DEFAULT_STRING_LENGTH, tree_fd=None):
     """The program for `sites` ({site id: (site, plans)}, one machine), and the record
     layout of each site id.
 
     `ring_fd` is the ring buffer map, `lost_fd` a per-CPU array of one u64 counting the
-    records the ring had no room for."""
+    records the ring had no room for; `tree_fd`, if given, the hash map of the tgids to
+    trace (scope.ProcessTree), every other process's hits ignored."""
     machines = {site.machine for site, _plans in sites.values()}
     if len(machines) != 1 or not machines <= set(REGISTERS):
         raise SdtraceError(f"the BPF executor cannot generate code for {sorted(machines)}")
     [machine] = machines
     code = Assembler()
     code.mov(R6, R1)
+    if tree_fd is not None:
+        code.call("get_current_pid_tgid")
+        code.alu64("rsh", R0, 32)
+        code.store(4, R10, -4, R0)
+        map_call(code, "map_lookup_elem", tree_fd, -4)
+        code.jump("jeq", R0, 0, "out")
+        code.mov(R1, R6)
     code.call("get_attach_cookie")
     code.mov(R7, R0)
     blocks, layouts = {}, {}
@@ -374,15 +385,31 @@ def generate(sites, ring_fd, lost_fd, string_length=DEFAULT_STRING_LENGTH):
     for block in blocks.values():
         block.emit()
     code.label("lost")
-    code.store(4, R10, -4, 0)
-    code.load_map(R1, lost_fd)
+    count_and_return(code, lost_fd)
+    return code.assemble(), layouts
+
+
+def map_call(code, helper, map_fd, key_slot, value_slot=None):
+    """R0 = helper(map, key[, value, BPF_ANY]), the key (and value) stored in the stack at
+    R10 + `key_slot` (and R10 + `value_slot`)."""
+    code.load_map(R1, map_fd)
     code.mov(R2, R10)
-    code.alu64("add", R2, -4)
-    code.call("map_lookup_elem")
+    code.alu64("add", R2, key_slot)
+    if value_slot is not None:
+        code.mov(R3, R10)
+        code.alu64("add", R3, value_slot)
+        code.mov(R4, BPF_ANY)
+    code.call(helper)
+
+
+def count_and_return(code, counter_fd):
+    """Adds 1, atomically, to this CPU's u64 in `counter_fd` (a per-CPU array of one), then
+    returns 0 at label "out", where the program's early exits jump."""
+    code.store(4, R10, -4, 0)
+    map_call(code, "map_lookup_elem", counter_fd, -4)
     code.jump("jeq", R0, 0, "out")
     code.mov(R1, 1)
     code.atomic_add(8, R0, 0, R1)
     code.label("out")
     code.mov(R0, 0)
     code.exit()
-    return code.assemble(), layouts
