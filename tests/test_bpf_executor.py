@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 import pytest
-from helpers import REPOSITORY, Target, address_of, counter, read_mem, wait_for
+from helpers import REPOSITORY, Target, address_of, counter, read_mem, set_counter, wait_for
 
 from sdtrace.discovery import notes
 from sdtrace.engine import fetchargs
@@ -162,6 +162,23 @@ def test_an_unarmable_site_is_refused_before_anything_is_armed(fixtures):
     with pytest.raises(SdtraceError, match=f"^{path}: values:guarded: unusable semaphore: "
                                            "a semaphore out of reach$"):
         BpfExecutor([broken])
+
+
+def test_without_kernel_semaphores_user_space_counts_them(fixtures):
+    """kernel_semaphores=False arms no ref_ctr_offsets (--semaphores=user): the counter stays
+    at 0, so the guarded probe skips its site, until user space raises it."""
+    path = fixtures.path("values")
+    [guarded] = [site for site in notes.read_probes(path) if site.name == "guarded"]
+    with Target(path) as target, BpfExecutor([guarded], pid=target.pid,
+                                             kernel_semaphores=False) as executor:
+        assert counter(target.pid, path, guarded.semaphore) == 0
+        assert target.send("fire 1")[0] == "guarded 0"
+        set_counter(target.pid, path, guarded.semaphore, 1)
+        assert target.send("fire 1")[0] == "guarded 1"
+        records = []
+        assert wait_for(lambda: records.extend(executor.read(timeout=0)) or records)
+        set_counter(target.pid, path, guarded.semaphore, 0)
+    assert [record.args for record in records] == [[42]]
 
 
 def test_refused_calls_are_one_line_with_the_errno_name():

@@ -7,7 +7,8 @@ its sites (codegen), loads it, and attaches it with one uprobe_multi link
 to every site's offset, with the site ids as cookies and the semaphores'
 file offsets as ref_ctr_offsets, so that the kernel raises each semaphore
 in every process it inserts the breakpoint into, and lowers it when the
-link goes.  The fds are the only owners: closing them, or the tracer's
+link goes (``kernel_semaphores=False`` gives none: the semaphores are then
+user space's to count, semaphores.manager's, as in --semaphores=user).  The fds are the only owners: closing them, or the tracer's
 death, disarms everything.
 
 Scope: every process (``pid=0``); one process and its threads (``pid=P``:
@@ -44,7 +45,7 @@ class BpfExecutor:
 
     def __init__(self, sites, types=None, pid=0, children=False, ring_bytes=DEFAULT_RING_BYTES,
                  string_length=codegen.DEFAULT_STRING_LENGTH,
-                 max_processes=scope.DEFAULT_MAX_PROCESSES):
+                 max_processes=scope.DEFAULT_MAX_PROCESSES, kernel_semaphores=True):
         if children and not pid:
             raise ValueError("children are followed from one process: give its pid")
         self.sites = list(sites)
@@ -66,7 +67,8 @@ class BpfExecutor:
             for path in dict.fromkeys(site.file for site in self.sites):
                 group = {site_id: entry for site_id, entry in plans.items()
                          if entry[0].file == path}
-                self._attach(path, group, 0 if children else pid, string_length)
+                self._attach(path, group, 0 if children else pid, string_length,
+                             kernel_semaphores)
             self._reader = RingBuffer(self._ring)
         except BaseException:
             self.close()
@@ -85,7 +87,7 @@ class BpfExecutor:
                                          self.tree and self.tree.map.fd)
         return Program(code, "sdtrace_usdt", expected_attach_type=BPF_TRACE_UPROBE_MULTI), layouts
 
-    def _attach(self, path, group, pid, string_length):
+    def _attach(self, path, group, pid, string_length, kernel_semaphores):
         try:
             program, layouts = self._load(group, string_length)
         except BpfRefused as refused:
@@ -95,7 +97,8 @@ class BpfExecutor:
         sites = [site for site, _plans in group.values()]
         try:
             link = UprobeMultiLink(program, path, [site.offset for site in sites],
-                                   [site.semaphore or 0 for site in sites], list(group), pid)
+                                   [kernel_semaphores and site.semaphore or 0 for site in sites],
+                                   list(group), pid)
         except BpfRefused as refused:
             if refused.errno == errno.ESRCH:
                 raise NoSuchProcess(pid) from None
