@@ -5,9 +5,11 @@ specification (Documentation/bpf/standardization/instruction-set.rst): one
 8-byte slot is opcode, registers (dst low nibble, src high nibble), s16
 offset and s32 immediate, little-endian.
 """
+import os
 import struct
 
 import pytest
+from helpers import LIBJVM
 
 from sdtrace.discovery import notes
 from sdtrace.discovery import operands as ops
@@ -268,6 +270,31 @@ def test_unreadable_operands_are_planned_missing_and_typed_ones_refused(fixtures
         "the BPF executor cannot read aarch64 operands"
 
 
+NEEDS_JVM = pytest.mark.skipif(not os.path.exists(LIBJVM),
+                               reason="OpenJDK 17's libjvm.so is not installed")
+
+
+@NEEDS_JVM
+def test_a_known_providers_pointer_and_length_are_a_counted_string():
+    """HotSpot's class__loaded(class_name_ptr, class_name_len, ...): the pointer is read as
+    a string of the length's bytes, after every argument; an explicit type keeps it a number."""
+    site = site_named(LIBJVM, "class__loaded")
+    pointer, length, *_rest = codegen.plan_site(site)
+    assert (pointer.string, pointer.length) == (True, 1)
+    assert (length.string, length.length) == (False, None)
+    assert codegen.plan_site(site, ("u64",))[0].string is False
+    program, layout = program_of(site)
+    assert layout.strings == {0: layout.argument(4)}
+
+    def counted(code):
+        code.load(8, R9, R8, layout.argument(0))
+        code.load(8, R2, R8, layout.argument(1))
+    found = slots(program)
+    assert contains(program, assembled(counted))
+    limit = [slot for slot in found if slot.code == 0xb5]          # jle r2, imm
+    assert [(slot.dst, slot.imm) for slot in limit] == [(2, codegen.DEFAULT_STRING_LENGTH)]
+
+
 # --- the record layout ------------------------------------------------------------
 
 def test_records_decode_per_the_layout(fixtures):
@@ -288,6 +315,18 @@ def test_records_decode_per_the_layout(fixtures):
     assert record == codegen.Record(ts=123, pid=10, tid=11, cpu=2, site=7, comm="values",
                                     args=[-5, -32768, "12345678", None], truncated={2})
     assert codegen.site_id_of(bytes(data)) == 7
+
+
+@NEEDS_JVM
+def test_a_counted_string_decodes_its_bytes_and_keeps_its_length():
+    site = site_named(LIBJVM, "class__loaded")
+    layout = codegen.RecordLayout(codegen.plan_site(site), string_length=8)
+    data = bytearray(layout.size)
+    codegen.HEADER_STRUCT.pack_into(data, 0, 1, 2, 2, 0, 0, b"java", 0, 0b1)
+    struct.pack_into("<QQQQ", data, layout.argument(0), 8, 16, 7, 1)
+    data[layout.strings[0]:layout.strings[0] + 9] = b"java/lan\0"
+    record = layout.decode(bytes(data))
+    assert (record.args, record.truncated) == (["java/lan", 16, 7, 1], {0})
 
 
 def test_floats_decode_from_their_bits(fixtures):

@@ -9,9 +9,11 @@ import os
 import struct
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
-from helpers import REPOSITORY, Target, address_of, counter, read_mem, set_counter, wait_for
+from helpers import (LIBJVM, REPOSITORY, Target, address_of, counter, read_mem, set_counter,
+                     wait_for)
 
 from sdtrace.discovery import notes
 from sdtrace.engine import fetchargs
@@ -66,6 +68,38 @@ def test_every_argument_decodes_to_the_truth(fixtures, opt, name):
     if name == "addressing":
         sib = [site for site in sites if site.name == "sib"][0]
         assert all(plan.unavailable for plan in fetchargs.plan_probe(sib))
+
+
+JAVA = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(LIBJVM))), "bin", "java")
+
+
+@pytest.mark.skipif(not os.path.exists(JAVA), reason="OpenJDK 17 is not installed")
+def test_hotspot_strings_are_read_by_their_length():
+    """HotSpot's strings are (pointer, length), unterminated: a JVM's class__loaded names
+    are the classes the JVM itself logs, cut at the 40 bytes asked for and marked so, with
+    the length kept.  The pid filter is a shell's that then execs java: the link follows
+    the process into its new image."""
+    sites = [site for site in notes.read_probes(LIBJVM) if site.name == "class__loaded"]
+    shell = subprocess.Popen(["sh", "-c", f"read armed; exec {JAVA} -Xlog:class+load -version"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+    try:
+        with BpfExecutor(sites, pid=shell.pid, string_length=40) as executor:
+            output, _ = shell.communicate("armed\n", timeout=60)
+            records = executor.read(timeout=0)
+            assert executor.lost() == 0 and executor.warnings == []
+    finally:
+        shell.kill()
+        shell.wait()
+    logged = [line.split()[1].replace(".", "/") for line in output.splitlines()
+              if "[class,load]" in line]
+    assert len(logged) > 300
+    assert Counter(record.args[0] for record in records) == Counter(
+        name[:40] for name in logged)
+    for record in records:
+        name, length = record.args[:2]
+        assert record.truncated == ({0} if length > 40 else set()), record
+        assert len(name) == min(length, 40) and record.pid == shell.pid
 
 
 def test_strings_are_cut_at_the_length_asked_for(fixtures):

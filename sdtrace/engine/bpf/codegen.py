@@ -33,6 +33,11 @@ tgid up in the tree's map and returns at once if it is not there.  A block:
               `string_length` bytes into the record's string area;
               truncation is detected exactly, by reading the byte after the
               copied ones when the buffer came back full
+   counted    a (pointer, length) pair of a known provider (providers.py:
+              HotSpot's ``X_ptr, X_len``, unterminated): once every argument
+              is computed, bpf_probe_read_user of exactly `length` bytes,
+              at most `string_length` (a longer one is cut and marked), into
+              the pointer's string area; the length stays an argument
 
    A value that cannot be read (a fault, a vector register, an unparsed
    operand) sets its bit in ``missing`` and decodes to None, never to a guess;
@@ -52,6 +57,7 @@ import struct
 from collections import namedtuple
 
 from ...discovery import operands as ops
+from ...discovery import providers
 from ...errors import SdtraceError
 from ...kernel.bpf import BPF_ANY
 from .. import fetchargs
@@ -94,14 +100,16 @@ Record = namedtuple("Record", "ts pid tid cpu site comm args truncated")
 # How one argument is obtained:
 #   kind      an operands kind (REGISTER, IMMEDIATE, MEMORY, SIB, RIP), or None if unavailable
 #   size, signed, is_float   the value read (after a spec's type override)
-#   string    read the value as a pointer to a NUL-terminated string
+#   string    read the value as a pointer to a string: NUL-terminated, or of the byte count
+#             that argument `length` holds (a known provider's pointer/length pair)
 #   register, bit_offset, base, index, scale, offset, value   the operand's location;
 #             for RIP, offset is the symbol's address minus the site's (the load bias is
 #             added at run time)
 #   unavailable  why there is no value (kind None)
 ArgumentPlan = namedtuple("ArgumentPlan", "kind size signed is_float string register bit_offset "
-                                          "base index scale offset value unavailable",
-                          defaults=(None,) * 13)
+                                          "base index scale offset value unavailable length",
+                          defaults=(None,) * 14)
+COUNTED = ("_ptr", "_len")      # providers' names of a pointer and its string's byte count
 
 _FETCHED = (ops.REGISTER, ops.IMMEDIATE, ops.MEMORY, ops.SIB, ops.RIP)
 _INTEGER_TYPES = {f"{sign}{bits}": (bits // 8, sign == "s")
@@ -150,7 +158,16 @@ def plan_site(site, types=()):
     if len(site.operands) > MAX_ARGUMENTS:
         raise SdtraceError(f"{site.file}: {site.qualified_name}: {len(site.operands)} "
                            f"arguments, the BPF executor reads at most {MAX_ARGUMENTS}")
-    return tuple(fetchargs.plan_probe(site, types, plan_argument))
+    plans = list(fetchargs.plan_probe(site, types, plan_argument))
+    names = providers.argument_names(site.provider, site.name, len(site.operands)) or ()
+    for index, (name, following) in enumerate(zip(names, names[1:])):
+        pointer, length = plans[index], plans[index + 1]
+        if (name.endswith(COUNTED[0]) and following == name[:-len(COUNTED[0])] + COUNTED[1]
+                and not (index < len(types) and types[index])
+                and pointer.kind is not None and pointer.size == site.word_size
+                and length.kind is not None and not length.is_float):
+            plans[index] = pointer._replace(string=True, length=index + 1)
+    return tuple(plans)
 
 
 class RecordLayout:
@@ -183,7 +200,8 @@ class RecordLayout:
             raw = ARGUMENT_SLOT.unpack_from(data, self.argument(index))[0]
             if plan.string:
                 start = self.strings[index]
-                args.append(bytes(data[start:start + raw - 1]).decode("utf-8", "replace"))
+                end = start + raw - (plan.length is None)      # a NUL ends a C string
+                args.append(bytes(data[start:end]).decode("utf-8", "replace"))
             elif plan.is_float:
                 args.append(_FLOATS[plan.size].unpack(
                     raw.to_bytes(8, "little")[:plan.size])[0])
@@ -242,6 +260,9 @@ class _Block:
         for index, plan in enumerate(layout.plans):
             if plan.kind is not None:
                 self.argument(index, plan)
+        for index, plan in enumerate(layout.plans):
+            if plan.string and plan.length is not None:
+                self._counted(index, plan.length)
         code.mov(R1, R8)
         code.mov(R2, 0)
         code.call("ringbuf_submit")
@@ -314,8 +335,31 @@ class _Block:
             self._read_user(index, plan.size, done)
             if plan.string:
                 code.load(8, R9, R8, slot)
-        if plan.string:
+        if plan.string and plan.length is None:
             self._string(index, done)
+        code.label(done)
+
+    def _counted(self, index, length_index):
+        """`length` bytes (argument `length_index`, at most string_length) at argument
+        `index`'s pointer into its string area; the byte count copied in its slot."""
+        code, limit = self.code, self.layout.string_length
+        slot, area = self.layout.argument(index), self.layout.strings[index]
+        done = f"{self.name}_counted{index}"
+        code.load(4, R1, R8, OFFSETS["missing"])
+        code.jump("jset", R1, _signed32(1 << index | 1 << length_index), done)
+        code.load(8, R9, R8, slot)
+        code.load(8, R2, R8, self.layout.argument(length_index))
+        code.jump("jle", R2, limit, f"{done}_read")
+        self._mark("truncated", index)
+        code.mov(R2, limit)
+        code.label(f"{done}_read")
+        code.store(8, R8, slot, R2)
+        code.mov(R1, R8)
+        code.alu64("add", R1, area)
+        code.mov(R3, R9)
+        code.call("probe_read_user")
+        code.jump("jeq", R0, 0, done)
+        self._mark("missing", index)
         code.label(done)
 
     def _string(self, index, done):

@@ -8,8 +8,9 @@ to every site's offset, with the site ids as cookies and the semaphores'
 file offsets as ref_ctr_offsets, so that the kernel raises each semaphore
 in every process it inserts the breakpoint into, and lowers it when the
 link goes (``kernel_semaphores=False`` gives none: the semaphores are then
-user space's to count, semaphores.manager's, as in --semaphores=user).  The fds are the only owners: closing them, or the tracer's
-death, disarms everything.
+user space's to count, semaphores.manager's, as in --semaphores=user).
+The fds are the only owners: closing them, or the tracer's death, disarms
+everything.
 
 Scope: every process (``pid=0``); one process and its threads (``pid=P``:
 the link's pid filter, so the breakpoints and semaphore raises are in P
