@@ -127,6 +127,29 @@ def test_threads_of_a_process_in_the_tree_are_traced(fixtures, tmp_path):
     assert threads_in_tree == []
 
 
+@pytest.mark.parametrize("shape", ["fork-exec", "fork", "vfork", "spawn", "thread-exec"])
+def test_every_way_a_process_comes_into_being_is_in_the_tree(fixtures, tmp_path, shape):
+    """The root is a shell that execs the spawner, which makes processes every way there is
+    (fork, exec, vfork, posix_spawn, exec from a thread): each process that reports a raised
+    semaphore fires spawner:value with it, and each such hit is recorded, under its pid."""
+    path = private_copy(fixtures, "spawner", tmp_path)
+    sites = notes.read_probes(path)
+    shell = subprocess.Popen(["sh", "-c", f"read armed; exec {path} {shape}"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        with BpfExecutor(sites, pid=shell.pid, children=True) as executor:
+            output, _ = shell.communicate("armed\n", timeout=60)
+            reports = {(int(pid), int(value)) for _word, pid, _sem, value
+                       in (line.split() for line in output.splitlines())}
+            records = drain(executor, len(reports))
+    finally:
+        shell.kill()
+        shell.wait()
+    assert len(reports) == (1 if shape == "thread-exec" else 2)
+    assert all(value == 1 for _pid, value in reports), output
+    assert sorted((record.pid, *record.args) for record in records) == sorted(reports)
+
+
 TWO_CHILDREN = """
 import gc, os, sys
 gc.disable()                    # gc__start fires for the script's collect() calls only
