@@ -34,6 +34,7 @@ from common import ENVIRONMENT, REPO
 from helpers import LIBJVM  # common put tests/ on the path
 
 TRACE_SECONDS = 1.0
+BPF_ROW = "sdtrace BPF executor (one uprobe_multi link)"
 PEER_SITES = int(sys.argv[1]) if len(sys.argv) > 1 else 128
 
 BPF_SCRIPT = f"""
@@ -97,10 +98,10 @@ def main():
     every = peer_sites == total
     rows = []                       # (name, sites, seconds, notes)
     count, seconds, notes = run_bpf()
-    rows.append(("sdtrace BPF executor (one uprobe_multi link)", count, seconds, notes))
+    rows.append((BPF_ROW, count, seconds, notes))
     if not every:
         count, seconds, notes = run_bpf(probes)
-        rows.append(("sdtrace BPF executor (one uprobe_multi link)", count, seconds, notes))
+        rows.append((BPF_ROW, count, seconds, notes))
     chosen = [("*", "*")] if every else probes
     specs = [f"{LIBJVM}:{provider}:{name}" for provider, name in chosen]
     seconds, _ = whole([sys.executable, "-m", "sdtrace", "trace", "-d", str(TRACE_SECONDS),
@@ -116,7 +117,8 @@ def main():
         rows.append(("bpftrace usdt:... (exit after 1 s)", peer_sites, seconds, ""))
     else:
         rows.append(("bpftrace (not installed: apt-get install bpftrace)", 0, None, ""))
-    bpf_seconds = {count: seconds for name, count, seconds, _notes in rows[:2]}
+    bpf_seconds = {count: seconds for name, count, seconds, _notes in rows
+                   if name == BPF_ROW}
     print("arm + disarm libjvm.so's SDT sites, system-wide, 1 s traced in between (left out)")
     print(f"{'':46} {'sites':>5} {'seconds':>8} {'vs BPF':>8} {'all ' + str(total):>11}  notes")
     for name, count, seconds, notes in rows:
@@ -125,7 +127,7 @@ def main():
             continue
         if count == total:
             everything = f"{seconds:.3f}"
-        elif name.startswith("sdtrace BPF"):
+        elif name == BPF_ROW:
             everything = "-"        # its cost does not grow with the sites: measured above
         else:
             everything = f"{seconds / count * total:.1f} est."
