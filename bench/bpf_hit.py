@@ -87,7 +87,7 @@ with BpfExecutor(sites, types=[(None, "str")], pid=pid, ring_bytes={RING_BYTES})
         written += len(records)
         if stop and not records:
             break
-    lost = executor.lost()
+    lost = executor.lost
 sys.stderr.write(f"sdtrace: {{written}} events, {{lost}} lost\\n")
 """
 

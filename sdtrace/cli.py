@@ -5,6 +5,7 @@ one line ``sdtrace: MESSAGE`` on stderr and exit status 1, never a traceback.
 Modules are imported inside the subcommands so that start-up stays cheap.
 """
 import argparse
+import os
 import sys
 
 from . import __version__
@@ -75,6 +76,18 @@ def _add_session_options(parser):
                              "mode a process that starts during a system-wide or -p session is "
                              "raised shortly after it starts (its first hits are missed; the "
                              "summary says how late); -c commands are held until raised")
+    # session.EXECUTORS, written out for the same reason
+    parser.add_argument("--executor", choices=("auto", "bpf", "tracefs"),
+                        default=os.environ.get("SDTRACE_EXECUTOR") or "auto",
+                        help="what arms the sites and reads their hits: bpf (one generated "
+                             "program and uprobe_multi link per file, one BPF ring), tracefs "
+                             "(uprobe events, perf rings), or auto (bpf where `sdtrace info` "
+                             "says it runs; a fallback is said in one warning). Default: "
+                             "$SDTRACE_EXECUTOR, else auto")
+    parser.add_argument("--string-size", type=int, metavar="BYTES",
+                        help="bpf executor: read at most BYTES of a string argument (default "
+                             "64, like bpftrace); a string cut short is marked (JSON: "
+                             "\"truncated\": [argument indexes])")
 
 
 DEBUG_HELP = ("log what sdtrace decides and does (semaphore mode, uprobe definitions, perf "
@@ -177,8 +190,8 @@ def build_parser():
     info = commands.add_parser(
         "info", help="what this kernel can do, and what sdtrace would pick",
         description="Show the kernel release, each kernel feature sdtrace uses (and the "
-                    "release that brought it), the executor and the semaphore mode "
-                    "--semaphores=auto picks, and why.")
+                    "release that brought it), the executor --executor=auto and the "
+                    "semaphore mode --semaphores=auto pick, and why.")
     info.add_argument("--json", action="store_true", help="write one JSON object")
     info.set_defaults(run=run_info)
     for subcommand in commands.choices.values():   # --debug after the command too, as in perf
@@ -230,13 +243,10 @@ def run_list(args):
 def run_trace(args):
     import collections
 
-    from .engine.session import Session
     from .present import output
 
     stop = _StopFlag()
-    session = Session(args.specs, pid=args.pid, command=args.command,
-                      buffer_pages=args.buffer_pages, semaphores=args.semaphores, warn=warn,
-                      keep_command=args.keep_command)
+    session = _session(args.specs, args)
     sink = sys.stdout if args.output is None else output.open_output(args.output)
     lines = output.LineEmitter(args.json)
     timeline = None
@@ -327,13 +337,10 @@ def _aggregate(args, specs, plan, interval=None, on_interval=None, on_pair=None)
     """
     import time
 
-    from .engine.session import Session
     from .present import aggregate, output
 
     stop = _StopFlag()
-    session = Session(specs, pid=args.pid, command=args.command,
-                      buffer_pages=args.buffer_pages, semaphores=args.semaphores, warn=warn,
-                      keep_command=args.keep_command)
+    session = _session(specs, args)
     with session:
         aggregator = aggregate.UserSpaceExecutor(session).aggregator(plan, on_pair)
         sys.stderr.write(f"sdtrace: tracing {len(session.sites)} site(s); Ctrl-C to end\n")
@@ -461,8 +468,19 @@ def run_semaphores(args):
     return 0
 
 
+def _session(specs, args):
+    """The engine.session.Session of `specs` that the session options of `args` ask for."""
+    from .engine.session import Session
+
+    return Session(specs, pid=args.pid, command=args.command,
+                   buffer_pages=args.buffer_pages, semaphores=args.semaphores, warn=warn,
+                   keep_command=args.keep_command, executor=args.executor,
+                   string_size=args.string_size)
+
+
 # Options that must be above 0, by argparse destination.
 POSITIVE_OPTIONS = {"count": "-n", "duration": "-d", "buffer_pages": "--buffer-pages",
+                    "string_size": "--string-size",
                     "top": "--top", "interval": "--interval"}
 
 

@@ -70,6 +70,18 @@ def opt(request):
     return request.param
 
 
+@pytest.fixture(params=("bpf", "tracefs"))
+def executor(request, monkeypatch):
+    """Runs a tracing test once per executor: its name, for a Session in this process,
+    and $SDTRACE_EXECUTOR (the CLI's default --executor) for the sdtrace it runs.
+
+    A tracing module says ``pytestmark = pytest.mark.usefixtures("executor")``; a test
+    of one executor alone parametrizes it: ``@pytest.mark.parametrize("executor",
+    ["tracefs"], indirect=True)``."""
+    monkeypatch.setenv("SDTRACE_EXECUTOR", request.param)
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def program(tmp_path_factory):
     """helpers.SDT_PROGRAM, compiled, with its site and semaphore offsets from readelf."""

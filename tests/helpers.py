@@ -187,6 +187,13 @@ def one_line_error(result, *words):
         assert word in lines[0], lines[0]
 
 
+def bpf_events(executor, timeout=0):
+    """The records a BpfExecutor has for us now, as sdtrace.Event objects."""
+    from sdtrace.engine.events import Event
+
+    return [Event.from_record(record) for record in executor.read(timeout)]
+
+
 def wait_for(condition, timeout=5.0):
     """Polls `condition` until it holds or `timeout` seconds pass; its last value."""
     deadline = time.monotonic() + timeout

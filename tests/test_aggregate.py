@@ -19,7 +19,7 @@ import pytest
 from helpers import SYSTEM_PYTHON as PYTHON
 from helpers import Target, one_line_error, sdtrace, sdtrace_command, summary_counts
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("executor")]
 
 CALLS = """
 def tick(x):
@@ -260,7 +260,8 @@ def test_python_function_latency_per_name(tmp_path):
     """CPython 3.11 fires function__entry for every frame only while python:line is armed."""
     script = tmp_path / "calls.py"
     script.write_text(CALLS)
-    result = sdtrace("latency", "--json", "--buffer-pages", "4096", "-c", f"{PYTHON} {script}",
+    result = sdtrace("latency", "--json", "--buffer-pages", "4096", "--string-size", "256",
+                     "-c", f"{PYTHON} {script}",
                      "--match", "filename,funcname", "--by", "filename,funcname",
                      "--arm", "python:line", "python:function__entry", "python:function__return")
     assert result.returncode == 0, result.stderr

@@ -5,6 +5,7 @@ specification (Documentation/bpf/standardization/instruction-set.rst): one
 8-byte slot is opcode, registers (dst low nibble, src high nibble), s16
 offset and s32 immediate, little-endian.
 """
+import json
 import os
 import struct
 
@@ -14,6 +15,9 @@ from helpers import LIBJVM
 from sdtrace.discovery import notes
 from sdtrace.discovery import operands as ops
 from sdtrace.engine.bpf import codegen
+from sdtrace.engine.bpf.records import RecordParsers
+from sdtrace.engine.events import RECORDS, ArmedSite, Event, Truncated
+from sdtrace.present.output import LineEmitter
 from sdtrace.engine.bpf.asm import (R0, R1, R2, R3, R6, R7, R8, R9, R10, SLOT, Assembler,
                                     Instruction)
 from sdtrace.errors import SdtraceError
@@ -292,10 +296,36 @@ def test_a_known_providers_pointer_and_length_are_a_counted_string():
     found = slots(program)
     assert contains(program, assembled(counted))
     limit = [slot for slot in found if slot.code == 0xb5]          # jle r2, imm
-    assert [(slot.dst, slot.imm) for slot in limit] == [(2, codegen.DEFAULT_STRING_LENGTH)]
+    # once when the length is read, then before the quick and the faulting copy
+    assert [(slot.dst, slot.imm) for slot in limit] == [(2, codegen.DEFAULT_STRING_LENGTH)] * 3
+
+
+def test_only_a_sleepable_program_copies_again_faulting(fixtures):
+    """bpf_copy_from_user (helper 148) is called only where the quick read failed, and only
+    by a sleepable program: memory operands, strings (their first page) and counted strings."""
+    site = site_named(fixtures.path("values"), "strings")
+    plans = codegen.plan_site(site, ("str", "str"))
+    calls = {}
+    for sleepable in (False, True):
+        program, _layouts = codegen.generate({0: (site, plans)}, ring_fd=3, lost_fd=4,
+                                             sleepable=sleepable)
+        calls[sleepable] = [slot.imm for slot in slots(program) if slot.code == 0x85]
+    assert 148 not in calls[False]
+    assert calls[True].count(148) == calls[False].count(114) == 2     # one per string
+    assert calls[True].count(114) == 4                                # each tried twice
 
 
 # --- the record layout ------------------------------------------------------------
+
+def parsed(site, layout, data, emitter=RECORDS):
+    """The item records.py's generated parser makes of one record."""
+    armed = ArmedSite(site.provider, site.name, site.file, "site7", layout.plans,
+                      frozenset(layout.strings))
+    items = []
+    RecordParsers({7: (armed, layout)}, emitter)[7](bytes(data), 0, items.append)
+    [item] = items
+    return item
+
 
 def test_records_decode_per_the_layout(fixtures):
     """A record packed by hand at the layout's offsets decodes to typed values."""
@@ -311,10 +341,12 @@ def test_records_decode_per_the_layout(fixtures):
     codegen.HEADER_STRUCT.pack_into(data, 0, 123, 11, 10, 2, 7, b"values", 0b1000, 0b0100)
     struct.pack_into("<QQQ", data, layout.argument(0), 0xfb, 0x8000, 9)
     data[layout.strings[2]:layout.strings[2] + 9] = b"12345678\0"
-    record = layout.decode(bytes(data))
-    assert record == codegen.Record(ts=123, pid=10, tid=11, cpu=2, site=7, comm="values",
-                                    args=[-5, -32768, "12345678", None], truncated={2})
-    assert codegen.site_id_of(bytes(data)) == 7
+    ts, pid, tid, cpu, comm, armed, args = parsed(strings, layout, data)
+    assert (ts, pid, tid, cpu, comm, armed.probe) == (123, 10, 11, 2, "values", "values:ints")
+    assert args == [-5, -32768, "12345678", None]
+    assert type(args[2]) is Truncated
+    line = json.loads(parsed(strings, layout, data, LineEmitter(json_lines=True))[2])
+    assert (line["args"], line["truncated"]) == ([-5, -32768, "12345678", None], [2])
 
 
 @NEEDS_JVM
@@ -325,8 +357,8 @@ def test_a_counted_string_decodes_its_bytes_and_keeps_its_length():
     codegen.HEADER_STRUCT.pack_into(data, 0, 1, 2, 2, 0, 0, b"java", 0, 0b1)
     struct.pack_into("<QQQQ", data, layout.argument(0), 8, 16, 7, 1)
     data[layout.strings[0]:layout.strings[0] + 9] = b"java/lan\0"
-    record = layout.decode(bytes(data))
-    assert (record.args, record.truncated) == (["java/lan", 16, 7, 1], {0})
+    event = Event.from_record(parsed(site, layout, data))
+    assert (event.args, event.truncated) == (["java/lan", 16, 7, 1], [0])
 
 
 def test_floats_decode_from_their_bits(fixtures):
@@ -334,4 +366,4 @@ def test_floats_decode_from_their_bits(fixtures):
     layout = codegen.RecordLayout(codegen.plan_site(site))
     data = bytearray(layout.size)
     struct.pack_into("<fxxxxd", data, layout.argument(0), 1.5, -2.25)
-    assert layout.decode(bytes(data)).args == [1.5, -2.25]
+    assert parsed(site, layout, data)[6] == [1.5, -2.25]

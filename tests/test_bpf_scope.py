@@ -10,8 +10,8 @@ import subprocess
 import sys
 
 import pytest
-from helpers import (REPOSITORY, SYSTEM_PYTHON, Library, Target, address_of, counter,
-                     private_copy, read_mem, wait_for)
+from helpers import (REPOSITORY, SYSTEM_PYTHON, Library, Target, address_of, bpf_events,
+                     counter, private_copy, read_mem, wait_for)
 
 from sdtrace.discovery import notes
 from sdtrace.engine.bpf import scope
@@ -38,8 +38,8 @@ def semusers(library, count):
 def drain(executor, expected):
     """Every record up to `expected` of them, waiting for each; then whatever else came."""
     records = []
-    assert wait_for(lambda: records.extend(executor.read(timeout=0)) or len(records) >= expected)
-    return records + executor.read(timeout=0)
+    assert wait_for(lambda: records.extend(bpf_events(executor)) or len(records) >= expected)
+    return records + bpf_events(executor)
 
 
 def pids(records):
@@ -108,7 +108,7 @@ def test_a_tree_follows_forked_children_and_ignores_strangers(fixtures, tmp_path
         traced.send("fire 1")
         records = drain(executor, 7)
         assert traced.pid in executor.tree
-        assert executor.tree.missed() == 0 and executor.lost() == 0
+        assert executor.tree.missed() == 0 and executor.lost == 0
     assert [(record.pid, record.args[0]) for record in records] == [
         (traced.pid, 0), (child, 0), (child, 1), (grandchild, 0), (grandchild, 1),
         (grandchild, 2), (traced.pid, 0)]
@@ -195,7 +195,7 @@ def test_two_children_one_exiting_leaves_the_other_traced(tmp_path):
             output, _ = script.communicate("armed\n", timeout=60)
             assert script.returncode == 0
             records = drain(executor, 3 * collects * rounds)
-            assert executor.lost() == 0 and executor.tree.missed() == 0
+            assert executor.lost == 0 and executor.tree.missed() == 0
             children = [int(pid) for line in output.splitlines() for pid in line.split()]
             assert wait_for(lambda: not any(pid in executor.tree for pid in children))
     finally:

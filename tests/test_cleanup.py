@@ -137,8 +137,8 @@ def test_cleanup_reverts_a_user_mode_session_whose_owner_and_guardian_are_zombie
     library = fixtures.path("libsdtsem.so")
     with Target(fixtures.path("semuser"), library) as target:
         target.send("load")
-        session = UnreapedSession(tmp_path, "--semaphores", "user", "-p", str(target.pid),
-                                  f"{library}:semlib:tick")
+        session = UnreapedSession(tmp_path, "--executor", "tracefs", "--semaphores", "user",
+                                  "-p", str(target.pid), f"{library}:semlib:tick")
         try:
             group = session.group()
             ledger, record = ledger_of(session.pid)
@@ -166,7 +166,9 @@ def test_cleanup_removes_the_definitions_of_a_zombie_kernel_mode_session(fixture
     library = fixtures.path("libsdtsem.so")
     with Target(fixtures.path("semuser"), library) as target:
         target.send("load")
-        session = UnreapedSession(tmp_path, "--semaphores", "kernel", f"{library}:semlib:tick")
+        # the definitions a dead session leaves are the tracefs executor's
+        session = UnreapedSession(tmp_path, "--executor", "tracefs", "--semaphores", "kernel",
+                                  f"{library}:semlib:tick")
         try:
             group = session.group()
             session.kill()

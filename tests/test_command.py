@@ -10,7 +10,7 @@ import pytest
 from helpers import SYSTEM_PYTHON as PYTHON
 from helpers import sdtrace, sdtrace_command, summary_counts, wait_for
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("executor")]
 
 FOREVER = "import time\nwhile True: time.sleep(0.005)\n"
 DEAF = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n" + FOREVER

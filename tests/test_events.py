@@ -95,11 +95,13 @@ def check_every_emitter(chunks, decoder):
 def test_values_of_every_type_decode_alike_on_both_paths(fixtures, opt):
     program_path = fixtures.path("values", opt)
     with Target(program_path) as target, \
-            Session(["values:strings(str,str)", "values:*"], pid=target.pid) as session:
+            Session(["values:strings(str,str)", "values:*"], pid=target.pid,
+                    executor="tracefs") as session:
         target.send("fire 1")
         truth = {record["probe"]: record["args"] for record in
                  (json.loads(line) for line in target.send("values"))}
-        records = check_every_emitter(take_samples(session._rings), session._decoder)
+        records = check_every_emitter(take_samples(session._executor._rings),
+                                      session._executor._decoder)
     assert sorted(record[5].probe for record in records) == sorted(truth)
     for _ts, pid, tid, _cpu, comm, site, args in records:
         assert (pid, tid, comm) == (target.pid, target.pid, "values")

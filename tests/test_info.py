@@ -28,8 +28,12 @@ def test_info_json_reports_every_feature_and_the_choices(program, group):
     assert list(info["features"]) == list(features.FEATURES)
     for feature in info["features"].values():
         assert set(feature) == {"available", "detail", "kernel"}
-    assert info["executor"]["name"] == "tracefs" and info["executor"]["available"]
-    assert "not available" in info["executor"]["bpf"]
+    executor = info["executor"]
+    bpf_ready = all(info["features"][name]["available"]
+                    for name in ("bpf", "bpf_ringbuf", "bpf_uprobe_multi"))
+    assert executor["bpf"]["available"] == (bpf_ready and info["machine"] == "x86_64")
+    assert executor["auto"] == ("bpf" if executor["bpf"]["available"] else "tracefs")
+    assert executor["tracefs"]["available"] == info["features"]["tracefs_uprobes"]["available"]
     semaphores = info["semaphores"]
     try:      # the oracle: a real definition with a semaphore offset
         tracefs.add_uprobe(group, "ref_ctr", program.path, program.site,
@@ -71,10 +75,11 @@ def semuser_command(fixtures):
 
 @pytest.mark.kernel
 @pytest.mark.parametrize("mode, debug_first", (("kernel", True), ("user", False)))
-def test_debug_logs_the_decisions(fixtures, mode, debug_first):
+@pytest.mark.parametrize("executor", ("bpf", "tracefs"))
+def test_debug_logs_the_decisions(fixtures, mode, debug_first, executor):
     """--debug before the command or after it (as perf takes -v), logged the same."""
     library_path = fixtures.path("libsdtsem.so")
-    arguments = ["trace", "--semaphores", mode]
+    arguments = ["trace", "--executor", executor, "--semaphores", mode]
     arguments.insert(0 if debug_first else 1, "--debug")
     with Target(fixtures.path("semuser"), library_path) as target:
         target.send("load")
@@ -82,8 +87,10 @@ def test_debug_logs_the_decisions(fixtures, mode, debug_first):
                          f"{library_path}:semlib:tick")
     assert result.returncode == 0, result.stderr
     debug = [line for line in result.stderr.splitlines() if line.startswith("sdtrace: debug: ")]
-    expected = [f"semaphores: {mode}, as asked", "executor: tracefs", "defined p:sdtrace_",
-                "perf fd(s) opened", "attached 1 site(s) in", "detached in"]
+    expected = [f"semaphores: {mode}, as asked", f"executor: {executor} (as asked)",
+                f"attached 1 site(s) with the {executor} executor in", "detached in"]
+    expected += (["defined p:sdtrace_", "perf fd(s) opened"] if executor == "tracefs" else
+                 [f"{library_path}: 1 sites armed with one uprobe_multi link (pid {target.pid})"])
     if mode == "user":
         expected += [f"process {target.pid}: semaphore at {library_path}+0x",
                      "raised: 0 -> 1", "lowered by 1: 1 -> 0"]

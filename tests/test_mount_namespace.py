@@ -17,7 +17,7 @@ import shutil
 import pytest
 from helpers import Target, Tracer, sdtrace
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("executor")]
 
 
 @pytest.fixture

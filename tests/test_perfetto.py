@@ -16,7 +16,7 @@ import pytest
 from helpers import SYSTEM_PYTHON as PYTHON
 from helpers import sdtrace
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("executor")]
 
 CALLS = """
 def tick(x):
@@ -133,7 +133,7 @@ def test_python_functions_become_slices_named_by_function(tmp_path):
     script.write_text(CALLS)
     timeline_path, events_path = tmp_path / "trace.json", tmp_path / "events.json"
     result = sdtrace("trace", "--json", "-o", str(events_path), "--perfetto", str(timeline_path),
-                     "--buffer-pages", "4096", "-c", f"{PYTHON} {script}",
+                     "--buffer-pages", "4096", "--string-size", "256", "-c", f"{PYTHON} {script}",
                      "python:function__entry", "python:function__return", "python:line")
     assert result.returncode == 0, result.stderr
     timeline = validate(timeline_path)

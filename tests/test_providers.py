@@ -68,13 +68,14 @@ def test_default_string_types_yield_to_explicit_ones():
 
 
 @pytest.mark.kernel
+@pytest.mark.usefixtures("executor")
 @pytest.mark.skipif(not os.path.exists(PYTHON), reason="Debian's python3.11 is not installed")
 def test_python_events_carry_decoded_named_arguments(tmp_path):
     script = tmp_path / "greet.py"
     script.write_text(SCRIPT)
     output = tmp_path / "events.json"
-    result = sdtrace("trace", "--json", "-o", str(output), "--buffer-pages", "4096", "-c",
-                     f"{PYTHON} {script}", "python:function__entry",
+    result = sdtrace("trace", "--json", "-o", str(output), "--buffer-pages", "4096",
+                     "--string-size", "256", "-c", f"{PYTHON} {script}", "python:function__entry",
                      "python:function__return(u64)", "python:line")
     assert result.returncode == 0, result.stderr
     events = [json.loads(line) for line in output.read_text().splitlines()]

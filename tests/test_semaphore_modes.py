@@ -20,7 +20,7 @@ import time
 import pytest
 from helpers import Target, Tracer, holds_for, sdtrace_command, summary_counts, wait_for
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("executor")]
 
 MODES = ("kernel", "user")
 
@@ -162,7 +162,7 @@ def test_user_mode_survives_a_sigkilled_tracer(fixtures, tmp_path):
     assert cleanup.returncode == 0, cleanup.stderr
 
 
-def test_kernel_and_user_sessions_on_one_site_collide_clearly(fixtures, tmp_path):
+def test_kernel_and_user_sessions_on_one_site_collide_clearly(fixtures, tmp_path, executor):
     """The kernel refuses a site armed with and without ref_ctr at once: say so, name the owner."""
     library = fixtures.path("libsdtsem.so")
     tracer = Tracer(tmp_path, "--semaphores", "kernel", f"{library}:semlib:tick")
@@ -175,7 +175,9 @@ def test_kernel_and_user_sessions_on_one_site_collide_clearly(fixtures, tmp_path
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "ref_ctr_offset mismatch" in lines[0], result.stderr
-    assert f"sdtrace_{tracer.process.pid}_" in lines[0]
+    holder = {"tracefs": f"sdtrace_{tracer.process.pid}_",      # its uprobe group
+              "bpf": f"process {tracer.process.pid} (python"}     # its link's owner
+    assert holder[executor] in lines[0]
 
 
 def test_semaphores_option_is_checked():

@@ -18,8 +18,9 @@ from helpers import (Target, Tracer, address_of, counter, holds_for, maps, one_l
                      read_mem, sdtrace_command, summary_counts, wait_for)
 
 from sdtrace.discovery import notes
+from sdtrace.errors import SdtraceError
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("executor")]
 
 
 def semaphore_of(path, probe_name):
@@ -175,6 +176,7 @@ def test_system_python_function_names_and_imports(tmp_path):
     output = tmp_path / "events.json"
     result = subprocess.run(
         sdtrace_command("trace", "--json", "-o", str(output), "--buffer-pages", "4096",
+                        "--string-size", "256",
                         "-c", f"{PYTHON} {script}", "python:function__entry(str,str)",
                         "python:line", "python:import__find__load__start(str)"),
         capture_output=True, text=True, timeout=120)
@@ -192,7 +194,7 @@ def test_system_python_function_names_and_imports(tmp_path):
 
 # -- lifetimes -------------------------------------------------------------------
 
-def test_sigkilled_tracer_leaves_nothing_armed(fixtures, tmp_path):
+def test_sigkilled_tracer_leaves_nothing_armed(fixtures, tmp_path, executor):
     library = fixtures.path("libsdtsem.so")
     [tick] = [p for p in notes.read_probes(library) if p.name == "tick"]
     with Target(fixtures.path("semuser"), library) as target:
@@ -210,7 +212,8 @@ def test_sigkilled_tracer_leaves_nothing_armed(fixtures, tmp_path):
         assert target.send("fire 1") == ["enabled 0"]
     group = f"sdtrace_{tracer.process.pid}_"
     with open("/sys/kernel/tracing/uprobe_events") as events:
-        assert group in events.read()
+        # tracefs definitions outlive their owner until cleanup; a BPF link has none
+        assert (group in events.read()) == (executor == "tracefs")
     cleanup = subprocess.run(sdtrace_command("cleanup"), capture_output=True, text=True, timeout=60)
     assert cleanup.returncode == 0, cleanup.stderr
     with open("/sys/kernel/tracing/uprobe_events") as events:
@@ -262,13 +265,14 @@ def test_count_limit_stops_early(fixtures, tmp_path):
 
 # -- the Python API ----------------------------------------------------------------
 
-def test_session_api_yields_events(fixtures):
+def test_session_api_yields_events(fixtures, executor):
     import sdtrace
 
     library = fixtures.path("libsdtsem.so")
     with Target(fixtures.path("semuser"), library) as target:
         target.send("load")
-        with sdtrace.Session([f"{library}:semlib:tick(,str)"], pid=target.pid) as session:
+        with sdtrace.Session([f"{library}:semlib:tick(,str)"], pid=target.pid,
+                             executor=executor) as session:
             assert target.send("fire 2") == ["enabled 1"]
             events = list(session.events(count=2, duration=10))
     assert [(e.pid, e.probe, e.args[0]) for e in events] == [(target.pid, "semlib:tick", 0),
@@ -396,3 +400,58 @@ def test_empty_command_is_refused():
     result = subprocess.run(sdtrace_command("trace", "-c", "", "/bin/true:x:y"),
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and result.stderr == "sdtrace: -c: empty command\n"
+
+
+# -- executors ---------------------------------------------------------------------
+
+@pytest.mark.skipif(not os.path.exists(PYTHON), reason="Debian's python3.11 is not installed")
+def test_a_string_cut_at_the_string_size_is_marked(tmp_path, executor):
+    """--string-size cuts the BPF executor's strings and marks them, in JSON and text;
+    the tracefs executor reads whole strings and says the option is not its own."""
+    script = tmp_path / "named_for_its_length.py"
+    script.write_text("def f(): pass\nf()\n")
+    runs = {}
+    for form in ("--json", "--text"):
+        result = subprocess.run(
+            sdtrace_command("trace", *([form] if form == "--json" else []), "--string-size",
+                            "12", "-c", f"{PYTHON} {script}", "python:function__entry(str,str)",
+                            "python:line"),
+            capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr
+        runs[form] = result
+    events = [json.loads(line) for line in runs["--json"].stdout.splitlines()]
+    [entry] = [event for event in events if event["probe"] == "python:function__entry"
+               and event["args"][1] == "f"]
+    [line] = [line for line in runs["--text"].stdout.splitlines()
+              if "function__entry" in line and '"f"' in line]
+    if executor == "bpf":
+        assert entry["args"][0] == str(script)[:12] and entry["truncated"] == [0]
+        assert line.endswith("[truncated: 0]")
+        assert all("warning" not in result.stderr for result in runs.values())
+    else:
+        assert entry["args"][0] == str(script) and "truncated" not in entry
+        assert "truncated" not in line
+        assert all("--string-size applies to the bpf executor" in result.stderr
+                   for result in runs.values())
+
+
+def test_executor_choices_are_checked(tmp_path):
+    bad = subprocess.run(sdtrace_command("trace", "--executor", "ebpf", "x:y"),
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "invalid choice: 'ebpf'" in bad.stderr
+    one_line_error(subprocess.run(sdtrace_command("trace", "--string-size", "0", "x:y"),
+                                  capture_output=True, text=True, timeout=60),
+                   "--string-size", "above 0")
+
+
+def test_auto_falls_back_in_one_line_where_bpf_cannot_run():
+    """auto takes the tracefs executor for sites of a machine the BPF code generator
+    does not know, saying why; asking for bpf there is the error."""
+    from sdtrace.engine import session
+
+    assert session.choose_executor("auto", {"x86_64"})[0] == "bpf"
+    executor, why = session.choose_executor("auto", {"aarch64"})
+    assert executor == "tracefs" and why.startswith(session.FALLBACK) and "aarch64" in why
+    with pytest.raises(SdtraceError, match="the bpf executor cannot run here: .*aarch64"):
+        session.choose_executor("bpf", {"aarch64"})
+    assert session.choose_executor("tracefs", {"x86_64"}) == ("tracefs", "as asked")

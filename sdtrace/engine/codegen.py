@@ -139,7 +139,7 @@ def parser(layout, fields, item):
     """The parse function of samples whose raw fields are `layout` (a struct
     format), unpacked into `fields` (a Local, or a String, per field), that
     appends `item` (a description)."""
-    source = _Source(fields)
+    source = _Source([_local(field) for field in fields])
     unpack = source.value(Constant(struct.Struct(perf.SAMPLE_RECORD.format + layout).unpack_from,
                                    "unpack"))
     names = [source.value(_local(field)) for field in fields]
@@ -156,6 +156,61 @@ def parser(layout, fields, item):
                       "    else:",
                       f"        {name} = {source.value(field.absent)}"]
     lines += [f"    append({source.value(item)})", "    return size"]
+    return _compiled_parser(lines, source)
+
+
+class Slot:
+    """An argument's u64 slot in a BPF ring record (engine/bpf/codegen.RecordLayout),
+    unpacked into `local`: `absent` (a Constant) when bit `index` of the record's
+    ``missing`` word is set.  A string's slot holds its byte count (with its NUL if
+    `terminated`) and its bytes are at `text_at` in the record: `local` becomes
+    their text from the mapping `texts` (a Constant)."""
+    __slots__ = ("local", "index", "absent", "texts", "text_at", "terminated")
+
+    def __init__(self, local, index, absent, texts=None, text_at=None, terminated=True):
+        self.local, self.index, self.absent = local, index, absent
+        self.texts, self.text_at, self.terminated = texts, text_at, terminated
+
+
+def ring_parser(layout, header, slots, comms, item, cut):
+    """The parse function of BPF ring records: `layout` (a struct format) holds the
+    header's fields, named by `header` (Locals; None for one the parser skips; it
+    must name ``comm``, ``missing`` and ``truncated``), then one field per Slot of
+    `slots` (None for a slot to skip).  The comm's 16 bytes become their text from
+    the mapping `comms`; the item is `item`, passed through the Constant `cut`
+    with the ``truncated`` word when a string was cut.  parse(data, position,
+    append) reads the record at `position` (after the ring's own 8-byte header)."""
+    locals_ = [name for name in header if name is not None]
+    locals_ += [slot.local for slot in slots if slot is not None]
+    source = _Source(locals_)
+    unpack = source.value(Constant(struct.Struct(layout).unpack_from, "unpack"))
+    names = [source.value(name) if name is not None else "_"
+             for name in (*header, *(slot and slot.local for slot in slots))]
+    comm = source.value(COMM)
+    lines = ["def parse(data, position, append):",
+             f"    {', '.join(names)}, = {unpack}(data, position)",
+             f"    {comm} = {source.value(comms)}[{comm}]"]
+    numbers = [slot for slot in slots if slot is not None and slot.texts is None]
+    if numbers:
+        lines.append("    if missing:")
+        lines += [f"        if missing & {1 << slot.index}: {source.value(slot.local)} = "
+                  f"{source.value(slot.absent)}" for slot in numbers]
+    for slot in slots:
+        if slot is None or slot.texts is None:
+            continue
+        name = source.value(slot.local)
+        end = f"{name} - 1" if slot.terminated else name
+        lines += [f"    if missing & {1 << slot.index}:",
+                  f"        {name} = {source.value(slot.absent)}",
+                  "    else:",
+                  f"        start = position + {slot.text_at}",
+                  f"        {name} = {source.value(slot.texts)}[data[start:start + {end}]]"]
+    lines += [f"    item = {source.value(item)}",
+              f"    append(item if not truncated else {source.value(cut)}(item, truncated))"]
+    return _compiled_parser(lines, source)
+
+
+def _compiled_parser(lines, source):
     text = "\n".join(lines) + "\n"
     code = _compiled.get(text)
     if code is None:
@@ -169,18 +224,18 @@ def _local(field):
     return field.local if isinstance(field, String) else field
 
 
-_PARSER_NAMES = {"data", "position", "append", "size", "raw", "start", "parse", "_"}
+_PARSER_NAMES = {"data", "position", "append", "size", "raw", "start", "parse", "item", "_"}
 _compiled = {}      # parser source -> code object
 
 
 class _Source:
     """Renders descriptions as expressions, naming their Constants in `namespace`."""
 
-    def __init__(self, fields):
+    def __init__(self, locals_):
         self.namespace = {}
         self._names = {}        # (id of a Constant's value, its hint) -> its name
         self._taken = _PARSER_NAMES | {"ts", "pid", "tid", "cpu"} | {
-            _local(field).name for field in fields}
+            local.name for local in locals_}
 
     def value(self, description):
         kind = type(description)

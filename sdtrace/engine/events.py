@@ -49,17 +49,24 @@ class ArmedSite:
     provider: str
     name: str
     file: str
-    event: str                  # the trace event's name in the session's group
-    plans: tuple                # fetchargs.ArgumentPlan per argument
+    event: str                  # the trace event's name in the session's group (tracefs)
+    plans: tuple                # the executor's plan per argument
+    string_arguments: frozenset = frozenset()  # indexes of the arguments read as strings
     probe: str = dataclasses.field(init=False, repr=False)   # "provider:name", as JSON shows it
 
     def __post_init__(self):
         object.__setattr__(self, "probe", f"{self.provider}:{self.name}")
 
 
+class Truncated(str):
+    """A string argument cut at the executor's string size (``--string-size``)."""
+    __slots__ = ()
+
+
 class Event:
     """One probe hit.  Attributes are the keys of ``sdtrace trace --json`` (all
-    but ``named``, which providers.argument_names gives for the probe)."""
+    but ``named``, which providers.argument_names gives for the probe, and
+    ``truncated``, the indexes of the string arguments cut short, a property here)."""
     __slots__ = ("ts", "pid", "tid", "cpu", "comm", "probe", "file", "args")
 
     def __init__(self, ts, pid, tid, cpu, comm, probe, file, args):
@@ -70,6 +77,11 @@ class Event:
     def from_record(cls, record):
         ts, pid, tid, cpu, comm, site, args = record
         return cls(ts, pid, tid, cpu, comm, site.probe, site.file, args)
+
+    @property
+    def truncated(self):
+        """The indexes of the string arguments that were cut at the string size."""
+        return [index for index, value in enumerate(self.args) if type(value) is Truncated]
 
     def __repr__(self):
         return (f"Event(ts={self.ts}, pid={self.pid}, tid={self.tid}, cpu={self.cpu}, "
@@ -88,15 +100,32 @@ class Emitter(Protocol):
     string_text: Callable[[str], object]    # a fetched string argument -> the same
     comm_absent: object                     # the comm the kernel could not read
     string_absent: object                   # a string argument the kernel could not read
+    value_absent: object                    # an INT argument the BPF executor could not read
 
     def item(self, site: ArmedSite, arguments: Sequence[Argument]) -> object:
         """The codegen description of the item of `site`'s samples."""
+
+    def cut(self, item: object, truncated: int) -> object:
+        """`item` marked as having its string arguments of the bits of `truncated` cut
+        short (bit i: argument i); called on the few items that have some."""
+
+
+def truncated_indexes(truncated):
+    """The argument indexes of the bits of a record's ``truncated`` word."""
+    return [index for index in range(truncated.bit_length()) if truncated >> index & 1]
 
 
 class RecordEmitter:
     """Parsers append record tuples (ts, pid, tid, cpu, comm, site, args)."""
     comm_text = string_text = str
-    comm_absent = string_absent = None
+    comm_absent = string_absent = value_absent = None
+
+    @staticmethod
+    def cut(record, truncated):
+        args = list(record[ARGS])
+        for index in truncated_indexes(truncated):
+            args[index] = Truncated(args[index])
+        return (*record[:ARGS], args)
 
     def item(self, site, arguments):
         return codegen.Tuple(codegen.TS, codegen.PID, codegen.TID, codegen.CPU, codegen.COMM,
@@ -132,8 +161,9 @@ class Decoder:
         return parsers
 
 
-class _TextCache(dict):
-    """A fetched string's bytes (with their NUL) -> its text by `translate`; emptied when full."""
+class TextCache(dict):
+    """A fetched string's bytes -> its text by `translate`, its bytes decoded up to the
+    first NUL if any; emptied when full."""
 
     def __init__(self, translate):
         super().__init__()
@@ -142,7 +172,7 @@ class _TextCache(dict):
     def __missing__(self, raw):
         if len(self) >= TEXT_CACHE_ENTRIES:
             self.clear()
-        text = self[raw] = self._translate(raw[:-1].decode(errors="replace"))
+        text = self[raw] = self._translate(raw.split(b"\0", 1)[0].decode(errors="replace"))
         return text
 
 
@@ -153,9 +183,9 @@ class _Parsers(dict):
         super().__init__()
         self._sites = sites
         self._emitter = emitter
-        self._comm = codegen.Constant(_TextCache(emitter.comm_text), "comms")
+        self._comm = codegen.Constant(TextCache(emitter.comm_text), "comms")
         self._comm_absent = codegen.Constant(emitter.comm_absent, "comm_absent")
-        self._strings = codegen.Constant(_TextCache(emitter.string_text), "strings")
+        self._strings = codegen.Constant(TextCache(emitter.string_text), "strings")
         self._string_absent = codegen.Constant(emitter.string_absent, "string_absent")
 
     def __missing__(self, sample_id):

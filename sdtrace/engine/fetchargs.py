@@ -120,13 +120,15 @@ def plan_argument(operand, probe, wanted_type=None):
     return ArgumentPlan(fetch=f"{location}:{_integer_type(operand.size, operand.signed)}")
 
 
-def argument_types(probe, explicit_types=()):
+def argument_types(probe, explicit_types=(), planner=None):
     """The per-argument types to read `probe` (a notes.Site) with.
 
     A spec's explicit types win; where it gives none (or an empty entry), a
     documented string argument is read as ``str`` if its operand is
-    pointer-sized and the kernel can fetch through it.
+    pointer-sized and the executor (`planner`, as in plan_probe) can read
+    through it.
     """
+    planner = planner or plan_argument
     arguments = providers.lookup(probe.provider, probe.name, len(probe.operands))
     if arguments is None or len(explicit_types) > len(probe.operands):
         return explicit_types
@@ -136,7 +138,7 @@ def argument_types(probe, explicit_types=()):
         wanted = explicit_types[index] if index < len(explicit_types) else None
         if (wanted is None and documented == providers.STRING and operand.size == pointer_size
                 and not operand.is_float
-                and plan_argument(operand, probe, providers.STRING).unavailable is None):
+                and planner(operand, probe, providers.STRING).unavailable is None):
             wanted = providers.STRING
         types.append(wanted)
     return tuple(types)

@@ -1,36 +1,41 @@
-"""A tracing session: select sites, arm them, stream events, disarm.
+"""A tracing session: select sites, arm them with an executor, stream events, disarm.
 
 The life of a session, in order:
 
-1. **select** -- specs become probe sites (specs.py, notes.py); every argument
-   gets a fetch plan (fetchargs.py) and unavailable ones become warnings;
-2. **define** -- one uprobe event per site in a group named after this
-   session (tracefs.py), with the semaphore's file offset as ``ref_ctr``
-   so that the kernel counts the semaphore exactly once per process;
-3. **arm** -- open every event with perf_event_open on every CPU, redirected
-   into one ring per CPU (perf.py).  From here the breakpoints and the
-   semaphore increments are owned by our file descriptors: if this process
-   dies, even by SIGKILL, the kernel closes them and disarms everything;
-4. **stream** -- drain the rings, decode samples into events (events.py);
-5. **disarm** -- close the fds, then delete the definitions.  Definitions
-   left by a session that was killed are deleted by the next session or by
-   ``sdtrace cleanup``.
+1. **select** -- specs become probe sites (discovery/specs.py, notes.py);
+2. **arm** -- an *executor* arms every site and will read its hits:
+   ``"tracefs"`` (tracefs/executor.py: a uprobe event per site, perf rings,
+   the kernel's fetch-args) or ``"bpf"`` (bpf/executor.py: one generated BPF
+   program and one uprobe_multi link per file, one BPF ring buffer).  Both
+   are owned by file descriptors: if this process dies, even by SIGKILL,
+   the kernel disarms everything.  ``"auto"`` takes bpf where the kernel
+   has what it needs and the sites' machine is one it generates code for
+   (``choose_executor()`` says which and why; a fallback is one warning);
+3. **stream** -- the executor's records, or an emitter's items (events.py);
+4. **disarm** -- finish() reads the rest and makes ``lost`` exact, close()
+   disarms.
+
+Both executors hand out the same items: the same fields, the same decoded
+values (the suite runs against both).  What differs: the BPF executor reads
+SIB operands and HotSpot's (pointer, length) strings, cuts strings at
+``string_size`` bytes (marked), and arms hundreds of sites at once.
 
 Scope: system-wide (every process mapping the files, now or later), one
-process (``pid``: each of its threads, inherited by later threads and
-children), or a command (``command``: forked, held before exec until the
-events are open and set to enable on exec, so the semaphore is raised before
-the command's first instruction; see command.py).  A command still running
-when the session closes is ended (SIGTERM, then SIGKILL), or left running
-with ``keep_command``; ``command_ending`` says which.
+process (``pid``: each of its threads; the tracefs executor also follows its
+children, through perf's inherit), or a command (``command``: forked, held
+before exec until the sites are armed, so the semaphore is raised before the
+command's first instruction; the BPF executor follows the command's process
+tree in a map the kernel keeps, bpf/scope.py; see command.py).  A command
+still running when the session closes is ended (SIGTERM, then SIGKILL), or
+left running with ``keep_command``; ``command_ending`` says which.
 
-Semaphores are counted by the kernel (``semaphores="kernel"``: ref_ctr, as
-above) or by sdtrace itself (``"user"``: the uprobes are defined without
-ref_ctr and semaphores.manager.SemaphoreManager raises each counter once per process
-through /proc/PID/mem; a command is then held by ptrace at exec and at each
-library load so the counters are raised before it can test them).  ``"auto"``
-takes the kernel when it supports ref_ctr_offset (``auto_semaphores()`` says
-which and why, from kernel/features.py).
+Semaphores are counted by the kernel (``semaphores="kernel"``: ref_ctr in
+tracefs, ref_ctr_offsets in the BPF link) or by sdtrace itself (``"user"``:
+no ref_ctr, and semaphores.manager.SemaphoreManager raises each counter once
+per process through /proc/PID/mem; a command is then held by ptrace at exec
+and at each library load so the counters are raised before it can test
+them).  ``"auto"`` takes the kernel when it supports ref_ctr_offset
+(``auto_semaphores()`` says which and why, from kernel/features.py).
 
 The library never writes to stderr: every warning (an argument that cannot be
 fetched, a process whose counter cannot be written, ...) is appended to
@@ -38,16 +43,14 @@ fetched, a process whose counter cannot be written, ...) is appended to
 given (the CLI prints it).  Decisions and timings are logged at DEBUG on
 this module's logger (kernel/log.py).
 """
-import os
-import re
+import mmap
 import shlex
 import time
 
 from ..discovery import specs
-from ..errors import NoSuchProcess, SdtraceError
-from ..kernel import perf, tracefs
+from ..errors import SdtraceError
 from ..kernel.log import logger
-from . import events, fetchargs
+from . import events
 
 _log = logger(__name__)
 
@@ -61,13 +64,20 @@ class Session:
     """
 
     def __init__(self, probe_specs, pid=None, command=None, buffer_pages=None,
-                 semaphores="auto", warn=None, keep_command=False):
+                 semaphores="auto", warn=None, keep_command=False, executor="auto",
+                 string_size=None):
         if pid is not None and command is not None:
             raise SdtraceError("give a PID or a command, not both")
-        if semaphores not in SEMAPHORE_MODES:
-            raise SdtraceError(f"semaphores: {semaphores!r} is not one of "
-                               f"{', '.join(SEMAPHORE_MODES)}")
+        for label, value, choices in (("semaphores", semaphores, SEMAPHORE_MODES),
+                                      ("executor", executor, EXECUTORS)):
+            if value not in choices:
+                raise SdtraceError(f"{label}: {value!r} is not one of {', '.join(choices)}")
+        if string_size is not None and not 1 <= string_size <= MAX_STRING_SIZE:
+            raise SdtraceError(f"string size: {string_size} is not between 1 and "
+                               f"{MAX_STRING_SIZE}")
         self.semaphores = semaphores    # "kernel" or "user" once started
+        self.executor = executor        # "bpf" or "tracefs" once started
+        self.string_size = string_size
         self.spec_texts = list(probe_specs)
         self.pid = pid
         self.command = shlex.split(command) if isinstance(command, str) else command
@@ -76,8 +86,6 @@ class Session:
         self.buffer_pages = buffer_pages
         self.sites = []
         self.warnings = _Warnings(warn)
-        self.lost = 0            # samples the rings dropped (exact once finish() ran)
-        self.received = 0        # samples read from the rings
         self.child = None        # pid of the command
         self._command = None     # its command.Command
         self.keep_command = keep_command   # at close(): leave the command running, not end it
@@ -85,9 +93,17 @@ class Session:
         self._command_closed = False
         self.late_raises = []    # user mode, at close(): (pid, comm, seconds) raised after exec
         self._manager = None     # semaphores.manager.SemaphoreManager, in user mode
-        self._group = None
-        self._rings = None
-        self._decoder = events.Decoder()
+        self._executor = None    # the executor's object, once armed
+
+    @property
+    def lost(self):
+        """Hits with no record: the buffers had no room (exact once finish() ran)."""
+        return self._executor.lost if self._executor is not None else 0
+
+    @property
+    def received(self):
+        """Records read."""
+        return self._executor.received if self._executor is not None else 0
 
     # -- set-up ------------------------------------------------------------
 
@@ -104,15 +120,20 @@ class Session:
 
     def start(self):
         started = time.monotonic()
-        tracefs.root()
-        tracefs.remove_stale()
         if self.semaphores == "auto":
             self.semaphores, why = auto_semaphores()
             _log.debug("semaphores: %s, chosen by auto: %s", self.semaphores, why)
         else:
             _log.debug("semaphores: %s, as asked", self.semaphores)
-        _log.debug("executor: %s", EXECUTOR)
         selected = self._select()
+        self.executor, why = choose_executor(self.executor,
+                                                 {site.machine for site, _spec in selected})
+        _log.debug("executor: %s (%s)", self.executor, why)
+        if self.executor == "tracefs" and why.startswith(FALLBACK):
+            self.warnings.append(f"executor: tracefs, {why}")
+        if self.executor == "tracefs" and self.string_size is not None:
+            self.warnings.append("--string-size applies to the bpf executor: the tracefs "
+                                 "executor reads whole strings")
         user_mode = self.semaphores == "user"
         if self.command is not None:
             from .command import Command
@@ -131,14 +152,39 @@ class Session:
                 scope = None if self.pid is None else {self.pid}
             self._manager = manager.SemaphoreManager.for_probes(
                 [probe for probe, _spec in selected], scope=scope, warn=self.warnings.append)
-        self._define(selected)
-        self._arm()
+        self._executor = self._arm(selected)
+        self.sites = self._executor.sites
+        self.warnings.extend(self._executor.warnings)
+        self._executor.enable()
         if self._manager is not None:
             self._manager.start()
         if self._command is not None:
             self._command.release()
             self.warnings.extend(self._command.warnings)
-        _log.debug("attached %d site(s) in %.3f s", len(self.sites), time.monotonic() - started)
+        _log.debug("attached %d site(s) with the %s executor in %.3f s", len(self.sites),
+                   self.executor, time.monotonic() - started)
+
+    def _arm(self, selected):
+        sites = [site for site, _spec in selected]
+        kernel_semaphores = self.semaphores == "kernel"
+        if self.executor == "tracefs":
+            from .tracefs.executor import TracefsExecutor
+
+            return TracefsExecutor(sites, [spec.types for _site, spec in selected],
+                                   pid=self.pid, child=self.child,
+                                   kernel_semaphores=kernel_semaphores,
+                                   buffer_pages=self.buffer_pages)
+        from . import fetchargs
+        from .bpf import codegen
+        from .bpf.executor import BpfExecutor
+
+        types = [fetchargs.argument_types(site, spec.types, codegen.plan_argument)
+                 for site, spec in selected]
+        root = self.child if self.child is not None else self.pid
+        return BpfExecutor(sites, types, pid=root or 0, children=self.child is not None,
+                           ring_bytes=_ring_bytes(self.buffer_pages),
+                           string_length=self.string_size or codegen.DEFAULT_STRING_LENGTH,
+                           kernel_semaphores=kernel_semaphores)
 
     def _raise_in(self, pid):
         """User mode: raise the session's counters in process `pid` (and keep them raised)."""
@@ -159,52 +205,6 @@ class Session:
             site.check_armable()
         return selected
 
-    def _define(self, selected):
-        definitions = []
-        self._group = tracefs.new_group()
-        for index, (probe, spec) in enumerate(selected):
-            plans = fetchargs.plan_probe(probe, fetchargs.argument_types(probe, spec.types))
-            for argument, plan in enumerate(plans):
-                if plan.unavailable:
-                    self.warnings.append(f"{probe.file}: {probe.qualified_name}: argument "
-                                         f"{argument} is unavailable: {plan.unavailable}")
-            event = f"e{index}_{_NOT_IDENTIFIER.sub('_', probe.qualified_name)}"
-            event = event[:tracefs.MAX_NAME_LENGTH]
-            definitions.append(tracefs.UprobeDefinition(
-                self._group, event, probe.file, probe.offset,
-                probe.semaphore if self.semaphores == "kernel" else None,
-                (events.COMM_FETCH, *fetchargs.fetch_arguments(plans))))
-            self.sites.append(events.ArmedSite(probe.provider, probe.name, probe.file,
-                                               event, tuple(plans)))
-        tracefs.add_uprobes(definitions)
-
-    def _arm(self):
-        self._rings = perf.RingSet(data_pages=self.buffer_pages)
-        owners = self._traced_tasks()
-        for site in self.sites:
-            event_format = tracefs.event_format(self._group, site.event)
-            event_id = tracefs.event_id(self._group, site.event)
-            opened = 0
-            for task in owners:
-                sample_ids = self._rings.open(
-                    event_id, task, inherit=task != -1, enable_on_exec=self.child is not None,
-                    wakeup_events=WAKEUP_EVENTS)
-                self._decoder.add(sample_ids, site, event_format)
-                opened += len(sample_ids)
-            _log.debug("%s/%s: %d perf fd(s) opened", self._group, site.event, opened)
-        if self.child is None:
-            self._rings.enable()
-
-    def _traced_tasks(self):
-        if self.child is not None:
-            return [self.child]
-        if self.pid is None:
-            return [-1]
-        try:
-            return sorted(int(tid) for tid in os.listdir(f"/proc/{self.pid}/task"))
-        except OSError:
-            raise NoSuchProcess(self.pid) from None
-
     # -- streaming -----------------------------------------------------------
 
     def read_records(self, timeout=0.1, emitter=None):
@@ -213,13 +213,7 @@ class Session:
         With `emitter` (an events.Emitter, e.g. output.LineEmitter) the batch
         holds its items instead, e.g. formatted lines as (ts, probe, text).
         """
-        rings = self._rings
-        if not rings.pending:
-            rings.wait(timeout)
-        items, lost = rings.drain(self._decoder.parsers(emitter or events.RECORDS), DRAIN_BYTES)
-        self.lost += lost
-        self.received += len(items)
-        return items
+        return self._executor.read(timeout, emitter or events.RECORDS, DRAIN_BYTES)
 
     @property
     def exit_status(self):
@@ -232,14 +226,14 @@ class Session:
     @property
     def running(self):
         """False once the traced command, or every thread of the traced process,
-        has exited, and the backlog (perf.py) is read.  A system-wide session runs
-        until it is stopped."""
-        if self._rings.pending:
+        has exited, and what the executor holds is read.  A system-wide session
+        runs until it is stopped."""
+        if self._executor.pending:
             return True
         if self._command is not None:
             return self._command.exit_status is None
         if self.pid is not None:
-            return self._rings.alive
+            return self._executor.alive
         return True
 
     def batches(self, emitter=None, duration=None, stop=None, interval=None,
@@ -278,37 +272,27 @@ class Session:
     # -- tear-down -----------------------------------------------------------
 
     def finish(self, emitter=None):
-        """Stop sampling and return the records (or `emitter`'s items) still in the rings.
+        """Stop tracing and return the records (or `emitter`'s items) still buffered.
 
-        Call it before close().  Afterwards `lost` is exact: the kernel reports
-        a lost sample only at its next write to the ring, so the last losses
-        are counted from the events' hit counters instead (hits = received +
-        lost).
+        Call it before close().  Afterwards `lost` is exact: received + lost
+        counts every hit.
         """
-        self._rings.disable()
-        items, lost = self._rings.drain(self._decoder.parsers(emitter or events.RECORDS))
-        self.received += len(items)
-        self.lost = max(self.lost + lost, self._rings.hit_count() - self.received)
-        return items
+        return self._executor.finish(emitter or events.RECORDS)
 
     def close(self):
         """Disarm and delete everything this session armed; safe to call twice."""
-        started, armed = time.monotonic(), self._group is not None
+        started, armed = time.monotonic(), self._executor is not None
         if self._command is not None and not self._command_closed:
             self._end_command()
-        if self._rings is not None:
-            self._rings.close()
+        if self._executor is not None:
+            self._executor.close()
         if self._manager is not None:
             manager, self._manager = self._manager, None
             manager.stop()
             if self._command is None or self._command.on_load is None:
                 self.late_raises = manager.late_raises()   # a held command has no window
-        if self._group is not None:
-            group, self._group = self._group, None
-            tracefs.remove_group(group)
         if armed:
             _log.debug("detached in %.3f s", time.monotonic() - started)
-
 
     def _end_command(self):
         """A command does not outlive its session, unless `keep_command` says so."""
@@ -340,6 +324,35 @@ class _Warnings(list):
             self.append(message)
 
 
+def choose_executor(choice, machines):
+    """(executor, why): "bpf" or "tracefs" for `choice` ("auto", "bpf", "tracefs") and
+    the machines of the files to arm (e.g. {"x86_64"}).  "bpf" where it cannot run is an
+    error naming the cause; "auto" then takes tracefs, and why starts with FALLBACK (or,
+    where only this user may not use BPF, says so: tracefs will ask for root itself)."""
+    if choice == "tracefs":
+        return "tracefs", "as asked"
+    from ..kernel import features
+    from .bpf import codegen
+
+    missing = [feature for feature in map(features.check, BPF_FEATURES)
+               if not feature.available]
+    machines = sorted(set(machines) - set(codegen.REGISTERS))
+    if missing:
+        why = "; ".join(f"{feature.name} (Linux {feature.kernel}): {feature.detail}"
+                        for feature in missing)
+    elif machines:
+        why = f"it generates code for {', '.join(codegen.REGISTERS)}, not {', '.join(machines)}"
+    else:
+        return "bpf", ("as asked" if choice == "bpf" else
+                       "the kernel has BPF uprobe_multi links and ring buffers")
+    if choice == "bpf":
+        raise SdtraceError(f"the bpf executor cannot run here: {why}")
+    if missing and all(feature.detail.endswith(features.BPF_PERMISSION) for feature in missing):
+        # not the kernel's lack but the user's: tracefs will say what it needs in turn
+        return "tracefs", f"BPF is denied to this user: {why}"
+    return "tracefs", f"{FALLBACK} {why}"
+
+
 def auto_semaphores():
     """(mode, why): who counts SDT semaphores when "auto" is asked, on this kernel."""
     from ..kernel import features
@@ -351,13 +364,22 @@ def auto_semaphores():
                     "through /proc/PID/mem")
 
 
+def _ring_bytes(buffer_pages):
+    """The BPF ring's size: as much as the tracefs executor's rings together (`buffer_pages`
+    data pages per CPU, 4 MiB if None), a power of two."""
+    from ..kernel import perf
+    from ..kernel.bpf import possible_cpus
+
+    per_cpu = perf.DEFAULT_RING_BYTES if buffer_pages is None else buffer_pages * mmap.PAGESIZE
+    wanted = per_cpu * possible_cpus()
+    return 1 << max(wanted - 1, mmap.PAGESIZE).bit_length()
+
+
 SEMAPHORE_MODES = ("auto", "kernel", "user")
-# The one executor of this version: uprobes defined in tracefs, read through perf rings.
-EXECUTOR = "tracefs"
-WAKEUP_EVENTS = 64   # samples per ring before poll() wakes us; timeouts pick up the rest
-# Bytes of samples decoded per read_records() (~3,000 samples, ~5 ms): a reader behind
-# a burst goes back to the rings that often, and the backlog absorbs the burst (perf.py).
+EXECUTORS = ("auto", "bpf", "tracefs")
+BPF_FEATURES = ("bpf", "bpf_ringbuf", "bpf_uprobe_multi")
+FALLBACK = "since the bpf executor cannot run here:"
+MAX_STRING_SIZE = 4096
+# Bytes of records decoded per read_records() (~3,000 records, ~5 ms): a reader behind
+# a burst goes back to the buffers that often, and they absorb the burst.
 DRAIN_BYTES = 256 << 10
-
-
-_NOT_IDENTIFIER = re.compile(r"[^A-Za-z0-9_]")

@@ -64,6 +64,7 @@ BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
 BPF_PROG_LOAD = 5
+BPF_F_SLEEPABLE = 1 << 4     # prog_flags: may fault user pages in (bpf_copy_from_user), 5.10
 BPF_LINK_CREATE = 28
 
 # enum bpf_map_type
@@ -297,7 +298,7 @@ class Program(FdObject):
 
     def __init__(self, instructions: bytes, name: str, *,
                  prog_type: int = BPF_PROG_TYPE_KPROBE, expected_attach_type: int = 0,
-                 license: str = "GPL"):
+                 license: str = "GPL", sleepable: bool = False):
         if not instructions or len(instructions) % INSTRUCTION_SIZE:
             raise ValueError(f"program {name}: {len(instructions)} bytes of instructions")
         what = f"loading program {name}"
@@ -305,7 +306,8 @@ class Program(FdObject):
         license_text = ctypes.create_string_buffer(license.encode())
         fields = dict(prog_type=prog_type, insn_cnt=len(instructions) // INSTRUCTION_SIZE,
                       insns=ctypes.addressof(code), license=ctypes.addressof(license_text),
-                      prog_name=_name(name), expected_attach_type=expected_attach_type)
+                      prog_name=_name(name), expected_attach_type=expected_attach_type,
+                      prog_flags=BPF_F_SLEEPABLE if sleepable else 0)
         try:
             fd = bpf(BPF_PROG_LOAD, PROG_LOAD.pack(**fields), what)
         except BpfRefused as refused:

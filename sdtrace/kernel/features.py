@@ -186,7 +186,7 @@ def _bpf_ringbuf() -> Answer:
     from . import bpf
 
     if not check("bpf").available:
-        return False, "no usable bpf()"
+        return False, f"no usable bpf(): {check('bpf').detail}"
     try:
         bpf.Map.ringbuf(os.sysconf("SC_PAGE_SIZE"), "sdtrace_probe").close()
     except SdtraceError as error:
@@ -202,7 +202,7 @@ def _bpf_uprobe_multi() -> Answer:
     from . import bpf
 
     if not check("bpf").available:
-        return False, "no usable bpf()"
+        return False, f"no usable bpf(): {check('bpf').detail}"
     try:
         program = bpf.Program(RETURN_ZERO, "sdtrace_probe",
                               expected_attach_type=bpf.BPF_TRACE_UPROBE_MULTI)
@@ -236,10 +236,13 @@ def _why(error: Exception) -> str:
     return str(error)
 
 
+BPF_PERMISSION = "(needs root, or CAP_BPF)"    # ends the detail of a feature we may not use
+
+
 def _bpf_why(error: Exception) -> str:
     code = getattr(error, "errno", None)
     if code in (errno.EPERM, errno.EACCES):
-        return f"{error} (needs root, or CAP_BPF)"
+        return f"{error} {BPF_PERMISSION}"
     return str(error)
 
 

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence, Tuple
 
 from ..errors import AccessDenied, KernelRefused, SdtraceError
+from . import links
 from .libc import libc
 from .log import logger
 from .procfs import alive, read_starttime
@@ -297,7 +298,8 @@ def _refusal_reason(definition: UprobeDefinition, line: str, error: OSError) -> 
     if logged:
         return f"{logged} ({error.strerror})"
     if error.errno == errno.EINVAL:
-        conflict = _ref_ctr_conflict(definition)
+        conflict = ref_ctr_conflict(definition.path, definition.offset,
+                                    definition.ref_ctr_offset, definition.group)
         if conflict:
             return conflict
     return error.strerror
@@ -314,30 +316,32 @@ def _error_log_reason(line: str) -> Optional[str]:
                  if command.strip() == line), None)
 
 
-def _ref_ctr_conflict(definition: UprobeDefinition) -> Optional[str]:
-    """Describe an existing definition of the same site with another semaphore offset."""
+def ref_ctr_conflict(path: str, offset: int, ref_ctr_offset: Optional[int],
+                     group: Optional[str] = None) -> Optional[str]:
+    """Describe who holds `path`'s site at `offset` with another semaphore offset: a
+    uprobe_events definition (of `group`, ours, or another tracer's), or a BPF link."""
     try:
-        inode = os.stat(definition.path)
+        inode = os.stat(path)
     except OSError:
         return None
     for text in _read("uprobe_events").splitlines():
         match = _DEFINITION_LINE.match(text)
         if not match:
             continue
-        group, event, path, offset, ref_ctr = match.groups()
+        their_group, event, their_path, their_offset, ref_ctr = match.groups()
         ref_ctr = int(ref_ctr, 16) if ref_ctr else None
-        if int(offset, 16) != definition.offset or ref_ctr == definition.ref_ctr_offset:
+        if int(their_offset, 16) != offset or (ref_ctr or 0) == (ref_ctr_offset or 0):
             continue
         try:
-            other = os.stat(path)
+            other = os.stat(their_path)
         except OSError:
             continue
         if (other.st_dev, other.st_ino) == (inode.st_dev, inode.st_ino):
             theirs = f"semaphore {ref_ctr:#x}" if ref_ctr is not None else "no semaphore"
-            holder = "" if group == definition.group else "another tracer's "
-            return (f"ref_ctr_offset mismatch: {holder}{group}/{event} holds the same site "
-                    f"with {theirs}")
-    return None
+            holder = "" if their_group == group else "another tracer's "
+            return (f"ref_ctr_offset mismatch: {holder}{their_group}/{event} holds the same "
+                    f"site with {theirs}")
+    return links.conflict(path, offset, ref_ctr_offset)
 
 
 def _defined_events() -> "list[tuple[str, str]]":

@@ -2,8 +2,9 @@
 
 Like ``bpftrace --info``: the kernel release and machine, every feature of
 kernel/features.py (yes/no, what said so, the release that brought it), the
-executor a session runs on, the semaphore mode ``--semaphores=auto`` picks
-and why, and whether arguments can be fetched on this machine.  ``report()``
+executor ``--executor=auto`` picks and what each executor needs, the
+semaphore mode ``--semaphores=auto`` picks and why, and whether arguments
+can be fetched on this machine.  ``report()``
 is a plain dict (``--json`` prints it as one object); ``text()`` lays it out
 for people.
 """
@@ -14,11 +15,11 @@ import os
 USER_MODE_WINDOW = ("user mode raises the semaphore of a process that starts during a "
                     "system-wide or -p session a little after it starts (when it opens the "
                     "file); kernel mode raises it as the file is mapped, with no such window")
-BPF_EXECUTOR = "not available in this version"
 
 
 def report() -> dict:
     from ..engine import fetchargs, session
+    from ..engine.bpf import codegen
     from ..kernel import features
 
     found = {feature.name: feature for feature in features.check_all()}
@@ -26,15 +27,26 @@ def report() -> dict:
     mode, why = session.auto_semaphores()
     uprobes = found["tracefs_uprobes"]
     user = found["proc_connector"]
+    bpf_ready = all(found[name].available for name in session.BPF_FEATURES)
+    auto, auto_why = session.choose_executor("auto", {machine})
     return {
         "release": os.uname().release,
         "machine": machine,
         "executor": {
-            "name": session.EXECUTOR,
-            "available": uprobes.available,
-            "why": (f"uprobes defined in {uprobes.detail}, armed with perf_event_open, read "
-                    "from one ring per CPU") if uprobes.available else uprobes.detail,
-            "bpf": BPF_EXECUTOR,
+            "auto": auto,
+            "why": auto_why,
+            "bpf": {
+                "available": bpf_ready and machine in codegen.REGISTERS,
+                "needs": list(session.BPF_FEATURES),
+                "machines": sorted(codegen.REGISTERS),
+                "how": "one generated BPF program and one uprobe_multi link per file, "
+                       "records on one BPF ring buffer",
+            },
+            "tracefs": {
+                "available": uprobes.available,
+                "how": (f"uprobes defined in {uprobes.detail}, armed with perf_event_open, "
+                        "read from one ring per CPU") if uprobes.available else uprobes.detail,
+            },
         },
         "semaphores": {
             "auto": mode,
@@ -56,9 +68,12 @@ def text(info: dict) -> str:
     executor, semaphores, arguments = info["executor"], info["semaphores"], info["arguments"]
     lines = [
         f"kernel      {info['release']} ({info['machine']})",
-        f"executor    {executor['name']}: "
-        + (executor["why"] if executor["available"] else f"unavailable: {executor['why']}"),
-        f"            bpf: {executor['bpf']}",
+        f"executor    auto picks {executor['auto']}: {executor['why']}",
+        "            bpf: " + ("yes: " if executor["bpf"]["available"] else "no: ")
+        + f"{executor['bpf']['how']} (needs {', '.join(executor['bpf']['needs'])}; "
+        f"{', '.join(executor['bpf']['machines'])})",
+        "            tracefs: " + ("yes: " if executor["tracefs"]["available"] else "no: ")
+        + executor["tracefs"]["how"],
         f"semaphores  auto picks {semaphores['auto']}: {semaphores['why']}",
         f"            user mode needs {semaphores['user_needs']}: "
         + ("yes" if semaphores["user"] else "no"),

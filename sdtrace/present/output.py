@@ -166,6 +166,18 @@ class LineEmitter:
         else:
             self.comm_text, self.string_text = _human_comm, quote
             self.comm_absent, self.string_absent = _human_comm("?"), "?"
+        self.value_absent = self.string_absent
+
+    def cut(self, item, truncated):
+        """The line of an event with strings cut at the string size says which:
+        ``"truncated": [indexes]`` in JSON, ``[truncated: indexes]`` for people."""
+        from ..engine.events import truncated_indexes
+
+        ts, probe, text = item
+        indexes = truncated_indexes(truncated)
+        if self.json_lines:
+            return ts, probe, f'{text[:-2]}, "truncated": {indexes}}}\n'
+        return ts, probe, f"{text[:-1]} [truncated: {', '.join(map(str, indexes))}]\n"
 
     def item(self, site, arguments, comm=None):
         """The (ts, probe, text) item of `site`'s events (a codegen description).

@@ -154,7 +154,7 @@ class TraceTimeline:
     the record, ``(ts, probe, text, record)``, so the trace loop writes the
     text and hands the same items, after its -n cut, to add()."""
     comm_text = string_text = str          # the record's values stay raw ...
-    comm_absent = string_absent = None
+    comm_absent = string_absent = value_absent = None
 
     def __init__(self, path, session, lines):
         import functools
@@ -174,16 +174,21 @@ class TraceTimeline:
         self.line_comm = line_comm
 
     def item(self, site, arguments):
-        """... and the line emitter formats them itself: strings as values,
-        the comm through its comm_text."""
+        """... and the line emitter formats them itself: every argument as a value
+        (a raw string, or None for one that could not be read), the comm through
+        its comm_text."""
         from ..engine import codegen
-        from ..engine.events import RECORDS, TEXT, VALUE, Argument
+        from ..engine.events import RECORDS, VALUE, Argument
 
         line = self.lines.item(
-            site, [Argument(VALUE, argument.value) if argument.kind == TEXT else argument
-                   for argument in arguments],
+            site, [Argument(VALUE, argument.value) for argument in arguments],
             comm=codegen.Call(codegen.Constant(self.line_comm, "line_comm"), codegen.COMM))
         return codegen.Tuple(*line.items, RECORDS.item(site, arguments))
+
+    def cut(self, item, truncated):
+        from ..engine.events import RECORDS
+
+        return (*self.lines.cut(item[:3], truncated), RECORDS.cut(item[3], truncated))
 
     def add(self, items):
         """Put the records of trace items on the timeline."""

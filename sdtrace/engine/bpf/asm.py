@@ -67,7 +67,7 @@ HELPERS = {"map_lookup_elem": 1, "map_update_elem": 2, "map_delete_elem": 3, "pr
            "ktime_get_ns": 5, "get_smp_processor_id": 8, "get_current_pid_tgid": 14,
            "get_current_comm": 16, "probe_read_user": 112, "probe_read_user_str": 114,
            "ringbuf_reserve": 131, "ringbuf_submit": 132, "ringbuf_discard": 133,
-           "get_attach_cookie": 174}
+           "copy_from_user": 148, "get_attach_cookie": 174}
 
 # One 8-byte slot; `offset` of a jump may be a label name until assembly.
 Instruction = namedtuple("Instruction", "code dst src offset imm")

@@ -51,7 +51,8 @@ uprobe_multi links from 6.6 (0b779b61f651).
 
 The record is declared once, as data (HEADER, then one u64 per argument,
 then the string areas), and ``RecordLayout`` serves both this generator
-(the offsets it stores at) and the decoder (the offsets it reads).
+(the offsets it stores at) and the parsers of records.py (the offsets they
+read).
 """
 import struct
 from collections import namedtuple
@@ -95,8 +96,6 @@ def _offsets(fields):
 OFFSETS = _offsets(HEADER)        # field -> its offset in the record
 ARGUMENT_SLOT = struct.Struct("<Q")
 
-Record = namedtuple("Record", "ts pid tid cpu site comm args truncated")
-
 # How one argument is obtained:
 #   kind      an operands kind (REGISTER, IMMEDIATE, MEMORY, SIB, RIP), or None if unavailable
 #   size, signed, is_float   the value read (after a spec's type override)
@@ -114,7 +113,7 @@ COUNTED = ("_ptr", "_len")      # providers' names of a pointer and its string's
 _FETCHED = (ops.REGISTER, ops.IMMEDIATE, ops.MEMORY, ops.SIB, ops.RIP)
 _INTEGER_TYPES = {f"{sign}{bits}": (bits // 8, sign == "s")
                   for sign in "su" for bits in (8, 16, 32, 64)}
-_FLOATS = {4: struct.Struct("<f"), 8: struct.Struct("<d")}
+FLOAT_SIZES = (4, 8)
 
 
 def _unavailable(reason):
@@ -138,7 +137,7 @@ def plan_argument(operand, site, wanted=None):
     size, signed, is_float = operand.size, operand.signed, operand.is_float
     if wanted in _INTEGER_TYPES:
         (size, signed), is_float = _INTEGER_TYPES[wanted], False
-    if is_float and size not in _FLOATS:
+    if is_float and size not in FLOAT_SIZES:
         return _unavailable(f"{size}-byte floats are not supported")
     offset = operand.offset
     if operand.kind == ops.RIP:
@@ -189,46 +188,13 @@ class RecordLayout:
         """Offset of argument `index`'s u64 (a string's: the copy's length with its NUL)."""
         return self.arguments + ARGUMENT_SLOT.size * index
 
-    def decode(self, data):
-        """The Record of one ring buffer record of this layout."""
-        ts, tid, pid, cpu, site, comm, missing, truncated = HEADER_STRUCT.unpack_from(data)
-        args = []
-        for index, plan in enumerate(self.plans):
-            if missing >> index & 1:
-                args.append(None)
-                continue
-            raw = ARGUMENT_SLOT.unpack_from(data, self.argument(index))[0]
-            if plan.string:
-                start = self.strings[index]
-                end = start + raw - (plan.length is None)      # a NUL ends a C string
-                args.append(bytes(data[start:end]).decode("utf-8", "replace"))
-            elif plan.is_float:
-                args.append(_FLOATS[plan.size].unpack(
-                    raw.to_bytes(8, "little")[:plan.size])[0])
-            else:
-                args.append(_integer(raw, plan.size, plan.signed))
-        return Record(ts, pid, tid, cpu, site, comm.split(b"\0", 1)[0].decode("utf-8", "replace"),
-                      args, {index for index in range(len(self.plans)) if truncated >> index & 1})
-
-
-def _integer(raw, size, signed):
-    bits = 8 * size
-    value = raw & ((1 << bits) - 1)
-    if signed and value >> (bits - 1):
-        value -= 1 << bits
-    return value
-
-
-def site_id_of(data):
-    """The site id of a ring buffer record, to pick its layout."""
-    return struct.unpack_from("<I", data, OFFSETS["site"])[0]
-
 
 class _Block:
     """Emits the code of one record layout into an Assembler."""
 
-    def __init__(self, code, layout, machine, maps, name):
+    def __init__(self, code, layout, machine, maps, name, sleepable):
         self.code, self.layout, self.name = code, layout, name
+        self.sleepable, self.copies = sleepable, 0
         self.registers = REGISTERS[machine]
         self.ip = self.registers[INSTRUCTION_POINTER[machine]]
         self.ring_fd, self.lost_fd = maps
@@ -305,15 +271,29 @@ class _Block:
         if they cannot be read."""
         code, slot = self.code, self.layout.argument(index)
         code.store(8, R8, slot, 0)
-        code.mov(R1, R8)
-        code.alu64("add", R1, slot)
-        code.mov(R2, size)
-        code.mov(R3, R9)
-        code.call("probe_read_user")
+        self._copy(slot, lambda: code.mov(R2, size))
         code.jump("jeq", R0, 0, f"{label}_read")
         self._mark("missing", index)
         code.goto(label)
         code.label(f"{label}_read")
+
+    def _copy(self, destination, load_size):
+        """R0 = 0 if the bytes at R9 (as many as `load_size()` puts in R2, a bounded
+        count) are copied to `destination` in the record.  The quick read cannot
+        fault a page in; where it fails a sleepable program copies again, faulting."""
+        code = self.code
+        for helper in ("probe_read_user", "copy_from_user") if self.sleepable else (
+                "probe_read_user",):
+            if helper == "copy_from_user":
+                code.jump("jeq", R0, 0, f"{self.name}_copied{self.copies}")
+            code.mov(R1, R8)
+            code.alu64("add", R1, destination)
+            load_size()
+            code.mov(R3, R9)
+            code.call(helper)
+        if self.sleepable:
+            code.label(f"{self.name}_copied{self.copies}")
+            self.copies += 1
 
     def argument(self, index, plan):
         code, slot = self.code, self.layout.argument(index)
@@ -354,10 +334,17 @@ class _Block:
         code.mov(R2, limit)
         code.label(f"{done}_read")
         code.store(8, R8, slot, R2)
-        code.mov(R1, R8)
-        code.alu64("add", R1, area)
-        code.mov(R3, R9)
-        code.call("probe_read_user")
+
+        bounds = iter(range(2))
+
+        def count():            # reloaded, and bounded again for the verifier
+            bounded = f"{done}_bounded{next(bounds)}"
+            code.load(8, R2, R8, slot)
+            code.jump("jle", R2, limit, bounded)
+            code.mov(R2, limit)
+            code.label(bounded)
+
+        self._copy(area, count)
         code.jump("jeq", R0, 0, done)
         self._mark("missing", index)
         code.label(done)
@@ -367,13 +354,20 @@ class _Block:
         in the argument's slot."""
         code, length = self.code, self.layout.string_length
         slot, area = self.layout.argument(index), self.layout.strings[index]
-        code.mov(R1, R8)
-        code.alu64("add", R1, area)
-        code.mov(R2, length + 1)
-        code.mov(R3, R9)
-        code.call("probe_read_user_str")
-        code.store(8, R8, slot, R0)
-        code.jump("jsgt", R0, 0, f"{done}_copied")
+        for attempt in ("quick", "faulting") if self.sleepable else ("quick",):
+            if attempt == "faulting":       # fault the string's first page in, then again
+                code.mov(R1, R10)
+                code.alu64("add", R1, -8)
+                code.mov(R2, 1)
+                code.mov(R3, R9)
+                code.call("copy_from_user")
+            code.mov(R1, R8)
+            code.alu64("add", R1, area)
+            code.mov(R2, length + 1)
+            code.mov(R3, R9)
+            code.call("probe_read_user_str")
+            code.store(8, R8, slot, R0)
+            code.jump("jsgt", R0, 0, f"{done}_copied")
         self._mark("missing", index)
         code.goto(done)
         code.label(f"{done}_copied")
@@ -395,9 +389,11 @@ def _signed32(value):
     return value - (1 << 32) if value >> 31 else value
 
 
-def generate(sites, ring_fd, lost_fd, string_length=DEFAULT_STRING_LENGTH, tree_fd=None):
+def generate(sites, ring_fd, lost_fd, string_length=DEFAULT_STRING_LENGTH, tree_fd=None,
+             sleepable=True):
     """The program for `sites` ({site id: (site, plans)}, one machine), and the record
-    layout of each site id.
+    layout of each site id.  A `sleepable` program (loaded with BPF_F_SLEEPABLE) reads
+    again, faulting pages in, what the quick read could not.
 
     `ring_fd` is the ring buffer map, `lost_fd` a per-CPU array of one u64 counting the
     records the ring had no room for; `tree_fd`, if given, the hash map of the tgids to
@@ -421,7 +417,7 @@ def generate(sites, ring_fd, lost_fd, string_length=DEFAULT_STRING_LENGTH, tree_
     for site_id, (_site, plans) in sites.items():
         if plans not in blocks:
             blocks[plans] = _Block(code, RecordLayout(plans, string_length), machine,
-                                   (ring_fd, lost_fd), f"block{len(blocks)}")
+                                   (ring_fd, lost_fd), f"block{len(blocks)}", sleepable)
         layouts[site_id] = blocks[plans].layout
         code.jump("jeq", R7, site_id, blocks[plans].name)
     code.mov(R0, 0)

@@ -18,6 +18,12 @@ alone); or P and the processes it forks from then on (``pid=P,
 children=True``): a scope.ProcessTree that the kernel keeps current at
 fork and exit, checked by the program, the link armed for every process.
 
+Records are read through each site's parser for the caller's emitter
+(records.py), as the tracefs executor's samples are (events.py), so both
+executors hand the session the same items.  finish() detaches the links
+first, then reads what is left: afterwards ``received + lost`` is every hit,
+exactly, since the program counts each record it had no room for.
+
 A program the verifier refuses is reported in one line naming the probe:
 each site of the file is then loaded alone until the culprit is found
 (the verifier's full log is under logging.debug).
@@ -25,9 +31,12 @@ each site of the file is then loaded alone until the culprit is found
 import errno
 
 from ...errors import BpfRefused, NoSuchProcess, SdtraceError
+from ...kernel import procfs, tracefs
 from ...kernel.bpf import BPF_TRACE_UPROBE_MULTI, Map, Owned, Program, UprobeMultiLink
 from ...kernel.log import logger
+from .. import events
 from . import codegen, scope
+from .records import RecordParsers
 from .ringbuf import RingBuffer
 
 log = logger(__name__)
@@ -39,38 +48,53 @@ class BpfExecutor:
     """`sites` (notes.Site, any files) armed for process `pid` (0: every process), and
     with `children` for the processes it forks from now on, theirs too.
 
-    types: one tuple of spec types per site (or None); read() returns decoded
-    codegen.Records; lost() counts the records the ring had no room for; warnings
-    names the arguments that have no value; `tree` is the scope.ProcessTree of
-    `children` (None otherwise), at most `max_processes` at once."""
+    types: one tuple of spec types per site (or None).  read() returns an emitter's
+    items (events.RECORDS' record tuples by default; `sites` holds their
+    events.ArmedSite); `lost` counts the records the ring had no room for;
+    `warnings` names the arguments that have no value; `tree` is the
+    scope.ProcessTree of `children` (None otherwise), at most `max_processes` at once."""
+
+    name = "bpf"
 
     def __init__(self, sites, types=None, pid=0, children=False, ring_bytes=DEFAULT_RING_BYTES,
                  string_length=codegen.DEFAULT_STRING_LENGTH,
                  max_processes=scope.DEFAULT_MAX_PROCESSES, kernel_semaphores=True):
         if children and not pid:
             raise ValueError("children are followed from one process: give its pid")
-        self.sites = list(sites)
-        for site in self.sites:
+        notes_sites = list(sites)
+        for site in notes_sites:
             site.check_armable()
-        types = types or [()] * len(self.sites)
+        types = types or [()] * len(notes_sites)
         self.warnings = []
-        self._owned = Owned()
+        self.received = 0
+        self._lost = None                   # the count, once finish() or close() read it
+        self._pid = pid
+        self._starttime = None
+        self._owned = Owned()               # maps, programs, the tree
+        self._links = Owned()               # what arms the sites: closed first
         self.tree = None
         try:
+            if pid:
+                self._starttime = _starttime(pid)
             if children:
                 self.tree = self._owned.own(scope.ProcessTree([pid], max_processes))
             self._ring = self._owned.own(Map.ringbuf(ring_bytes, "sdtrace_ring"))
-            self._lost = self._owned.own(Map.percpu_array(8, 1, "sdtrace_lost"))
+            self._lost_counter = self._owned.own(Map.percpu_array(8, 1, "sdtrace_lost"))
             plans = {site_id: (site, codegen.plan_site(site, site_types))
-                     for site_id, (site, site_types) in enumerate(zip(self.sites, types))}
+                     for site_id, (site, site_types) in enumerate(zip(notes_sites, types))}
             self._warn(plans)
             self.layouts = {}
-            for path in dict.fromkeys(site.file for site in self.sites):
+            for path in dict.fromkeys(site.file for site in notes_sites):
                 group = {site_id: entry for site_id, entry in plans.items()
                          if entry[0].file == path}
                 self._attach(path, group, 0 if children else pid, string_length,
                              kernel_semaphores)
-            self._reader = RingBuffer(self._ring)
+            self.sites = [_armed(site_id, site, site_plans)
+                          for site_id, (site, site_plans) in plans.items()]
+            self._records = {site_id: (armed, self.layouts[site_id])
+                             for site_id, armed in enumerate(self.sites)}
+            self._parsers = {}
+            self._reader = RingBuffer(self._ring, codegen.OFFSETS["site"])
         except BaseException:
             self.close()
             raise
@@ -84,9 +108,10 @@ class BpfExecutor:
                                          f"{plan.unavailable}")
 
     def _load(self, group, string_length):
-        code, layouts = codegen.generate(group, self._ring.fd, self._lost.fd, string_length,
-                                         self.tree and self.tree.map.fd)
-        return Program(code, "sdtrace_usdt", expected_attach_type=BPF_TRACE_UPROBE_MULTI), layouts
+        code, layouts = codegen.generate(group, self._ring.fd, self._lost_counter.fd,
+                                         string_length, self.tree and self.tree.map.fd)
+        return Program(code, "sdtrace_usdt", expected_attach_type=BPF_TRACE_UPROBE_MULTI,
+                       sleepable=True), layouts
 
     def _attach(self, path, group, pid, string_length, kernel_semaphores):
         try:
@@ -103,10 +128,22 @@ class BpfExecutor:
         except BpfRefused as refused:
             if refused.errno == errno.ESRCH:
                 raise NoSuchProcess(pid) from None
+            if refused.errno == errno.EINVAL:
+                self._explain_mismatch(path, sites, kernel_semaphores)
             raise
-        self._owned.own(link)
+        self._links.own(link)
         log.debug("%s: %d sites armed with one uprobe_multi link (pid %d)", path, len(sites),
                   pid)
+
+    @staticmethod
+    def _explain_mismatch(path, sites, kernel_semaphores):
+        """The kernel's bare EINVAL for a site another uprobe holds with another semaphore
+        offset, as one line naming the site and the holder (if we can see it)."""
+        for site in sites:
+            conflict = tracefs.ref_ctr_conflict(
+                path, site.offset, site.semaphore if kernel_semaphores else None)
+            if conflict:
+                raise SdtraceError(f"{path}: {site.qualified_name}: {conflict}")
 
     def _culprit(self, path, group, string_length, refused):
         """The one-line error naming the first site whose program alone is refused."""
@@ -123,20 +160,57 @@ class BpfExecutor:
         return SdtraceError(f"BPF program for {where} refused by the kernel: "
                             f"{str(refused).split(': ', 2)[-1]}")
 
-    def read(self, timeout=None):
-        """The records written since the last read; waits up to `timeout` s for one."""
-        records = self._reader.take()
-        if not records and (timeout is None or timeout > 0) and self._reader.wait(timeout):
-            records = self._reader.take()
-        layouts = self.layouts
-        return [layouts[codegen.site_id_of(data)].decode(data) for data in records]
+    # -- reading -------------------------------------------------------------------
 
+    def enable(self):
+        """The links are live from the start: nothing to do (the tracefs executor's twin
+        enables its perf events here)."""
+
+    def read(self, timeout=None, emitter=events.RECORDS, limit=None):
+        """`emitter`'s items of the records written since the last read (at most about
+        `limit` bytes of them if given); waits up to `timeout` s for one if there is none."""
+        parsers = self._parsers.get(emitter)
+        if parsers is None:
+            parsers = self._parsers[emitter] = RecordParsers(self._records, emitter)
+        items = []
+        reader = self._reader
+        if (not reader.walk(parsers, items.append, limit) and (timeout is None or timeout > 0)
+                and reader.wait(timeout)):
+            reader.walk(parsers, items.append, limit)
+        self.received += len(items)
+        return items
+
+    @property
+    def pending(self):
+        """Whether records are waiting in the ring."""
+        return self._reader.pending
+
+    @property
+    def alive(self):
+        """Whether the traced process (`pid`) is still running; True for every process."""
+        return not self._pid or procfs.alive(self._pid, self._starttime)
+
+    @property
     def lost(self):
-        """Records the ring had no room for, summed over the CPUs."""
-        return self._lost.total_per_cpu(bytes(4))
+        """Records the ring had no room for, summed over the CPUs (final after finish())."""
+        if self._lost is not None:
+            return self._lost
+        return self._lost_counter.total_per_cpu(bytes(4))
+
+    def finish(self, emitter=events.RECORDS):
+        """Detaches every site, then returns the items of the records left in the ring;
+        afterwards received + lost counts every hit."""
+        self._links.close()
+        items = self.read(0, emitter)
+        self._lost = self._lost_counter.total_per_cpu(bytes(4))
+        return items
 
     def close(self):
         """Disarms (the links go first) and frees everything; idempotent."""
+        self._links.close()
+        counter = getattr(self, "_lost_counter", None)
+        if self._lost is None and counter is not None and not counter.closed:
+            self._lost = counter.total_per_cpu(bytes(4))
         reader = getattr(self, "_reader", None)
         if reader is not None:
             reader.close()
@@ -147,3 +221,17 @@ class BpfExecutor:
 
     def __exit__(self, *exc_info):
         self.close()
+
+
+def _starttime(pid):
+    try:
+        return procfs.read_starttime(pid)
+    except procfs.ProcessGone:
+        raise NoSuchProcess(pid) from None
+
+
+def _armed(site_id, site, plans):
+    """The events.ArmedSite that site `site_id`'s records name."""
+    return events.ArmedSite(site.provider, site.name, site.file, f"site{site_id}", plans,
+                            frozenset(index for index, plan in enumerate(plans)
+                                      if plan.string and plan.kind is not None))

@@ -39,13 +39,15 @@ BPF_RINGBUF_BUSY_BIT = 1 << 31
 BPF_RINGBUF_DISCARD_BIT = 1 << 30
 BPF_RINGBUF_HDR_SZ = 8
 POSITION = struct.Struct("<Q")
-LENGTH = struct.Struct("<I")
+LENGTH = KEY = struct.Struct("<I")
 
 
 class RingBuffer:
-    """The consumer side of one ring buffer map (`ring`: a kernel.bpf.Map)."""
+    """The consumer side of one ring buffer map (`ring`: a kernel.bpf.Map) whose
+    records tell their kind by a u32 at `key_offset` (walk() picks their parser by it)."""
 
-    def __init__(self, ring):
+    def __init__(self, ring, key_offset):
+        self.key_offset = key_offset
         page = mmap.PAGESIZE
         self.size = ring.max_entries
         if self.size % page or self.size & (self.size - 1):
@@ -64,24 +66,40 @@ class RingBuffer:
         self._poll = select.epoll()
         self._poll.register(ring.fd, select.EPOLLIN)
 
-    def take(self):
-        """Every submitted record not yet read, as bytes, in ring order; frees their space."""
+    def walk(self, parsers, append, limit=None):
+        """Feeds the submitted records not yet read, in ring order, to their parsers
+        (`parsers` maps the u32 at `key_offset` in a record to the parser of its
+        kind: parse(data, position, append)), then frees their space; stops after
+        about `limit` bytes if given.  Returns how many records were parsed."""
         producer, data, mask = self._producer, self._data, self._mask
+        unpack_length, unpack_key = LENGTH.unpack_from, KEY.unpack_from
+        key_offset = BPF_RINGBUF_HDR_SZ + self.key_offset
         consumer = POSITION.unpack_from(self._consumer, 0)[0]
         end = POSITION.unpack_from(producer, 0)[0]
-        records = []
-        while consumer < end:
-            start = data + (consumer & mask)
-            length = LENGTH.unpack_from(producer, start)[0]
-            if length & BPF_RINGBUF_BUSY_BIT:
-                break
-            size = length & ~(BPF_RINGBUF_BUSY_BIT | BPF_RINGBUF_DISCARD_BIT)
-            if not length & BPF_RINGBUF_DISCARD_BIT:
-                records.append(producer[start + BPF_RINGBUF_HDR_SZ:
-                                        start + BPF_RINGBUF_HDR_SZ + size])
-            consumer += (size + BPF_RINGBUF_HDR_SZ + 7) & ~7
-        POSITION.pack_into(self._consumer, 0, consumer)
-        return records
+        if limit is not None:
+            end = min(end, consumer + limit)
+        parsed = 0
+        try:
+            while consumer < end:
+                start = data + (consumer & mask)
+                length = unpack_length(producer, start)[0]
+                if length & BPF_RINGBUF_BUSY_BIT:
+                    break
+                if not length & BPF_RINGBUF_DISCARD_BIT:
+                    parsers[unpack_key(producer, start + key_offset)[0]](
+                        producer, start + BPF_RINGBUF_HDR_SZ, append)
+                    parsed += 1
+                consumer += ((length & ~(BPF_RINGBUF_BUSY_BIT | BPF_RINGBUF_DISCARD_BIT))
+                             + BPF_RINGBUF_HDR_SZ + 7) & ~7
+        finally:
+            POSITION.pack_into(self._consumer, 0, consumer)
+        return parsed
+
+    @property
+    def pending(self):
+        """Whether submitted records wait to be read."""
+        return (POSITION.unpack_from(self._consumer, 0)[0]
+                < POSITION.unpack_from(self._producer, 0)[0])
 
     def wait(self, timeout):
         """Sleeps until the ring has data or `timeout` seconds pass; whether it has data."""

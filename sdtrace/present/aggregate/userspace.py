@@ -24,10 +24,6 @@ from .plans import (Count, CountResult, Histogram, HistogramResult, Latency, Lat
 _RECORD_INDEXES = {"pid": PID, "tid": TID, "comm": COMM, "probe": SITE}
 
 
-def _is_string(plan):
-    return plan.fetch is not None and plan.fetch.endswith(":string")
-
-
 class _KeyReader:
     """Reads a key tuple out of records, resolved against the sites it applies to.
 
@@ -150,7 +146,7 @@ class HistogramAggregator(Aggregator):
         self.value = _KeyReader((plan.value,), sites, role="value")
         [index] = self.value.argument_indexes
         for site in sites:
-            if _is_string(site.plans[index]):
+            if index in site.string_arguments:
                 raise SdtraceError(f"hist: argument {index} of {site.probe} is a string, "
                                    "not a number")
         self.reader = _KeyReader(plan.keys, sites) if plan.keys else None
