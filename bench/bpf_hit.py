@@ -10,12 +10,10 @@ flood fires N hits, one tracer at a time:
                uprobe_multi link with the pid filter and the semaphore's
                ref_ctr_offset, as the BPF executor arms its sites: trap,
                uprobe dispatch, program run, nothing else;
-  BPF          sdtrace's BPF executor (engine/bpf: the same link, the
-               generated program, a record with an int and a string on the
-               BPF ring buffer), records written as JSON lines to a file by
-               the small driver below (the executor is not yet behind the
-               CLI's --executor);
-  tracefs      `sdtrace trace --json -o FILE -p PID flood:hit(,str)`;
+  BPF          `sdtrace trace --executor bpf --json -o FILE -p PID
+               flood:hit(,str)`: the same link, the generated program, a
+               record with an int and a string on the BPF ring buffer;
+  tracefs      the same with `--executor tracefs`;
   bpftrace     if installed: an empty action (its own floor), and
                `@ = count()`, the counter it keeps in the kernel.
 
@@ -44,7 +42,7 @@ from common import (ENVIRONMENT, FLOOD, HITS, REPO, bpftrace_ready, cpu_seconds,
                     require_flood, settled, wait_for_line)
 from helpers import Target, summary_counts  # the fixtures' driver (common put tests/ on the path)
 
-RING_BYTES = 256 << 20      # the whole burst of ~100-byte records fits: no loss by design
+BUFFER_PAGES = str(1 << 15)  # 128 MiB of ring per CPU: the whole burst fits, no loss by design
 READY = "sdtrace: tracing"
 
 FLOOR_DRIVER = f"""
@@ -65,37 +63,11 @@ with UprobeMultiLink(program, site.file, [site.offset], [site.semaphore], [0], i
     signal.sigwait([signal.SIGINT])
 """
 
-BPF_DRIVER = f"""
-import json, signal, sys
-sys.path.insert(0, {REPO!r})
-from sdtrace import read_probes
-from sdtrace.engine.bpf.executor import BpfExecutor
-pid, output = int(sys.argv[1]), sys.argv[2]
-sites = [site for site in read_probes({FLOOD!r}) if site.name == "hit"]
-stop = []
-signal.signal(signal.SIGINT, lambda *_: stop.append(1))
-written = 0
-with BpfExecutor(sites, types=[(None, "str")], pid=pid, ring_bytes={RING_BYTES}) as executor, \\
-        open(output, "w") as sink:
-    sys.stderr.write("{READY}\\n")
-    sys.stderr.flush()
-    while True:
-        records = executor.read(0.1)
-        sink.writelines(json.dumps({{"ts": r.ts, "pid": r.pid, "tid": r.tid, "cpu": r.cpu,
-                                     "comm": r.comm, "probe": "flood:hit", "file": {FLOOD!r},
-                                     "args": list(r.args)}}) + "\\n" for r in records)
-        written += len(records)
-        if stop and not records:
-            break
-    lost = executor.lost
-sys.stderr.write(f"sdtrace: {{written}} events, {{lost}} lost\\n")
-"""
-
 ROUNDS = 5
 FLOOD_CPU, TRACER_CPU = 0, 1    # flood and each tracer (its later threads too) on their own
 FLOOR = "bare uprobe (empty BPF program)"
-BPF = "sdtrace BPF executor, JSON to a file"
-TRACEFS = "sdtrace tracefs: trace --json -o FILE"
+BPF = "sdtrace trace --executor bpf --json -o"
+TRACEFS = "sdtrace trace --executor tracefs --json -o"
 
 
 def untraced_ns_per_hit(flood):
@@ -140,13 +112,12 @@ def main():
         pid = str(flood.pid)
         rows[FLOOR], _ = measure_bursts(flood, [sys.executable, "-c", FLOOR_DRIVER, pid],
                                         untraced, wait_for_line(READY))
-        rows[BPF], summaries[BPF] = measure_bursts(
-            flood, [sys.executable, "-c", BPF_DRIVER, pid, os.path.join(scratch, "bpf.json")],
-            untraced, wait_for_line(READY))
-        rows[TRACEFS], summaries[TRACEFS] = measure_bursts(
-            flood, [sys.executable, "-m", "sdtrace", "trace", "--json", "--buffer-pages",
-                    str(1 << 15), "-o", os.path.join(scratch, "tracefs.json"), "-p", pid,
-                    "flood:hit(,str)"], untraced, wait_for_line(READY))
+        for name, executor in ((BPF, "bpf"), (TRACEFS, "tracefs")):
+            rows[name], summaries[name] = measure_bursts(
+                flood, [sys.executable, "-m", "sdtrace", "trace", "--executor", executor,
+                        "--json", "--buffer-pages", BUFFER_PAGES, "-o",
+                        os.path.join(scratch, f"{executor}.json"), "-p", pid,
+                        "flood:hit(,str)"], untraced, wait_for_line(READY))
         if shutil.which("bpftrace"):
             for name, action in (("bpftrace, empty action", ""),
                                  ("bpftrace, @ = count()", "@ = count();")):

@@ -230,6 +230,25 @@ def test_the_program_dispatches_on_the_cookie_and_counts_losses(fixtures):
     assert found[-6:] == assembled(lost)
 
 
+def test_every_record_reserves_one_size(fixtures):
+    """Records of one size make the ring an array (ringbuf.py): each block reserves the
+    largest layout's size, or the size asked, never less than it holds."""
+    sites = notes.read_probes(fixtures.path("values"))
+    group = {site_id: (site, codegen.plan_site(site)) for site_id, site in enumerate(sites)}
+    sizes = {layout.size for layout in codegen.generate(group, ring_fd=3, lost_fd=4)[1].values()}
+    assert len(sizes) > 1                    # the fixture's sites differ in size
+
+    def reserved(program):                   # r2 = size right before each ringbuf_reserve
+        found = slots(program)
+        return {found[index - 2].imm for index, slot in enumerate(found)
+                if slot.code == 0x85 and slot.imm == 131}
+    assert reserved(codegen.generate(group, ring_fd=3, lost_fd=4)[0]) == {max(sizes)}
+    assert reserved(codegen.generate(group, ring_fd=3, lost_fd=4,
+                                     record_size=512)[0]) == {512}
+    with pytest.raises(ValueError, match="cannot hold"):
+        codegen.generate(group, ring_fd=3, lost_fd=4, record_size=max(sizes) - 8)
+
+
 def test_a_tree_scoped_program_returns_first_for_processes_outside_the_tree(fixtures):
     site = site_named(fixtures.path("values"), "nosem")
     group = {0: (site, codegen.plan_site(site))}

@@ -144,7 +144,7 @@ def test_ip_at_the_hit_is_the_run_time_site_address(fixtures):
                 bpf.UprobeMultiLink(program, path, [site.offset for site in sites],
                                     [site.semaphore or 0 for site in sites],
                                     cookies=range(len(sites)), pid=target.pid):
-            reader = RingBuffer(ring, key_offset=8)     # the cookie's low half
+            reader = RingBuffer(ring, key_offset=8, record_size=16)     # key: the cookie
             records = []
             try:
                 target.send("fire 1")

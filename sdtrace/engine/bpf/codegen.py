@@ -199,11 +199,11 @@ class _Block:
         self.ip = self.registers[INSTRUCTION_POINTER[machine]]
         self.ring_fd, self.lost_fd = maps
 
-    def emit(self):
+    def emit(self, record_size):
         code, layout = self.code, self.layout
         code.label(self.name)
         code.load_map(R1, self.ring_fd)
-        code.mov(R2, layout.size)
+        code.mov(R2, record_size)
         code.mov(R3, 0)
         code.call("ringbuf_reserve")
         code.jump("jeq", R0, 0, "lost")
@@ -390,10 +390,12 @@ def _signed32(value):
 
 
 def generate(sites, ring_fd, lost_fd, string_length=DEFAULT_STRING_LENGTH, tree_fd=None,
-             sleepable=True):
+             sleepable=True, record_size=None):
     """The program for `sites` ({site id: (site, plans)}, one machine), and the record
     layout of each site id.  A `sleepable` program (loaded with BPF_F_SLEEPABLE) reads
-    again, faulting pages in, what the quick read could not.
+    again, faulting pages in, what the quick read could not.  Every record reserves
+    `record_size` bytes (at least the largest layout's, the default): records of
+    one size make the ring an array the reader scans at C speed (ringbuf.py).
 
     `ring_fd` is the ring buffer map, `lost_fd` a per-CPU array of one u64 counting the
     records the ring had no room for; `tree_fd`, if given, the hash map of the tgids to
@@ -420,10 +422,15 @@ def generate(sites, ring_fd, lost_fd, string_length=DEFAULT_STRING_LENGTH, tree_
                                    (ring_fd, lost_fd), f"block{len(blocks)}", sleepable)
         layouts[site_id] = blocks[plans].layout
         code.jump("jeq", R7, site_id, blocks[plans].name)
+    largest = max(block.layout.size for block in blocks.values())
+    if record_size is None:
+        record_size = largest
+    elif record_size < largest:
+        raise ValueError(f"records of {record_size} bytes cannot hold {largest}")
     code.mov(R0, 0)
     code.exit()
     for block in blocks.values():
-        block.emit()
+        block.emit(record_size)
     code.label("lost")
     count_and_return(code, lost_fd)
     return code.assemble(), layouts

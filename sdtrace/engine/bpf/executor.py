@@ -83,6 +83,8 @@ class BpfExecutor:
             plans = {site_id: (site, codegen.plan_site(site, site_types))
                      for site_id, (site, site_types) in enumerate(zip(notes_sites, types))}
             self._warn(plans)
+            self.record_size = max((codegen.RecordLayout(site_plans, string_length).size
+                                    for _site, site_plans in plans.values()), default=0)
             self.layouts = {}
             for path in dict.fromkeys(site.file for site in notes_sites):
                 group = {site_id: entry for site_id, entry in plans.items()
@@ -94,7 +96,7 @@ class BpfExecutor:
             self._records = {site_id: (armed, self.layouts[site_id])
                              for site_id, armed in enumerate(self.sites)}
             self._parsers = {}
-            self._reader = RingBuffer(self._ring, codegen.OFFSETS["site"])
+            self._reader = RingBuffer(self._ring, codegen.OFFSETS["site"], self.record_size)
         except BaseException:
             self.close()
             raise
@@ -109,7 +111,8 @@ class BpfExecutor:
 
     def _load(self, group, string_length):
         code, layouts = codegen.generate(group, self._ring.fd, self._lost_counter.fd,
-                                         string_length, self.tree and self.tree.map.fd)
+                                         string_length, self.tree and self.tree.map.fd,
+                                         record_size=self.record_size)
         return Program(code, "sdtrace_usdt", expected_attach_type=BPF_TRACE_UPROBE_MULTI,
                        sleepable=True), layouts
 
@@ -174,8 +177,8 @@ class BpfExecutor:
             parsers = self._parsers[emitter] = RecordParsers(self._records, emitter)
         items = []
         reader = self._reader
-        if (not reader.walk(parsers, items.append, limit) and (timeout is None or timeout > 0)
-                and reader.wait(timeout)):
+        reader.walk(parsers, items.append, limit)
+        if not items and (timeout is None or timeout > 0) and reader.wait(timeout):
             reader.walk(parsers, items.append, limit)
         self.received += len(items)
         return items
