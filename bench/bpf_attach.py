@@ -4,13 +4,13 @@ Each tracer arms sites of libjvm.so system-wide, traces for 1 s (nothing runs
 the JVM, so no hits) and disarms; the figure is the whole command's wall time
 minus that second:
 
-  * sdtrace's BPF executor: one program and one uprobe_multi link for the
-    file (the kernel registers and releases the uprobes as one), on all 531
-    sites -- the figure the issue sets (<= 1.5 s) -- with the attach and the
-    detach alone, timed in its process; and on the peers' sites, the
-    "vs BPF" column's reference;
-  * sdtrace's tracefs executor: `sdtrace trace -d 1 LIBJVM:PROVIDER:NAME...`,
-    one tracefs uprobe and perf event per site and CPU;
+  * `sdtrace trace --executor bpf -d 1 LIBJVM:*:*`: one program and one
+    uprobe_multi link for the file (the kernel registers and releases the
+    uprobes as one), on all 531 sites -- the figure the issue sets (<= 1.5
+    s) -- with the attach and the detach alone from its --debug log; and on
+    the peers' sites, the "vs BPF" column's reference;
+  * `sdtrace trace --executor tracefs -d 1 LIBJVM:PROVIDER:NAME...`, one
+    tracefs uprobe and perf event per site and CPU;
   * bpftrace, if installed: `usdt:LIBJVM:PROVIDER:NAME,... { @ = count(); }`
     with an exit after 1 s (one program and probe per site).
 
@@ -24,6 +24,7 @@ extrapolated from seconds per site, marked "est."; with PEER_SITES 531
 Usage: python bench/bpf_attach.py [PEER_SITES]
 """
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,35 +35,29 @@ from common import ENVIRONMENT, REPO
 from helpers import LIBJVM  # common put tests/ on the path
 
 TRACE_SECONDS = 1.0
-BPF_ROW = "sdtrace BPF executor (one uprobe_multi link)"
+BPF_ROW = "sdtrace trace --executor bpf"
 PEER_SITES = int(sys.argv[1]) if len(sys.argv) > 1 else 128
 
-BPF_SCRIPT = f"""
-import sys, time
-sys.path.insert(0, {REPO!r})
-from sdtrace import read_probes
-from sdtrace.engine.bpf.executor import BpfExecutor
-names = set(sys.argv[1:])
-sites = [site for site in read_probes({LIBJVM!r}) if not names or site.qualified_name in names]
-started = time.monotonic()
-executor = BpfExecutor(sites)
-attached = time.monotonic()
-time.sleep({TRACE_SECONDS})
-closing = time.monotonic()
-executor.close()
-print(len(sites), attached - started, time.monotonic() - closing)
-"""
-
-
 def whole(command, **environment):
-    """(wall seconds of `command` minus the traced second, its stdout); exits on failure."""
+    """(wall seconds of `command` minus the traced second, its stderr); exits on failure."""
     started = time.monotonic()
     result = subprocess.run(command, capture_output=True, text=True,
                             env={**ENVIRONMENT, **environment})
     elapsed = time.monotonic() - started
     if result.returncode != 0:
         sys.exit(f"{command[0]} failed: {result.stderr.strip()[-300:]}")
-    return elapsed - TRACE_SECONDS, result.stdout
+    return elapsed - TRACE_SECONDS, result.stderr
+
+
+def run_sdtrace(executor, specs):
+    """(sites, seconds, notes) of `sdtrace trace --executor EXECUTOR -d 1 SPECS`, the
+    attach and detach times its --debug log gives in the notes."""
+    seconds, log = whole([sys.executable, "-m", "sdtrace", "trace", "--debug", "--executor",
+                          executor, "-d", str(TRACE_SECONDS), *specs])
+    attached = re.search(r"attached (\d+) site\(s\) with the \w+ executor in ([\d.]+) s", log)
+    detached = re.search(r"detached in ([\d.]+) s", log)
+    return (int(attached.group(1)), seconds,
+            f"attach {float(attached.group(2)):.3f} s, detach {float(detached.group(1)):.3f} s")
 
 
 def first_probes(sites, wanted):
@@ -78,13 +73,6 @@ def first_probes(sites, wanted):
     return chosen, sum(per_probe[probe] for probe in chosen)
 
 
-def run_bpf(names=()):
-    seconds, output = whole([sys.executable, "-c", BPF_SCRIPT,
-                             *(f"{provider}:{name}" for provider, name in names)])
-    count, attach, detach = output.split()
-    return int(count), seconds, f"attach {float(attach):.3f} s, detach {float(detach):.3f} s"
-
-
 def main():
     if os.geteuid() != 0:
         sys.exit("run as root: arming uprobes needs it")
@@ -97,16 +85,12 @@ def main():
     probes, peer_sites = first_probes(sites, min(PEER_SITES, total))
     every = peer_sites == total
     rows = []                       # (name, sites, seconds, notes)
-    count, seconds, notes = run_bpf()
-    rows.append((BPF_ROW, count, seconds, notes))
-    if not every:
-        count, seconds, notes = run_bpf(probes)
-        rows.append((BPF_ROW, count, seconds, notes))
     chosen = [("*", "*")] if every else probes
     specs = [f"{LIBJVM}:{provider}:{name}" for provider, name in chosen]
-    seconds, _ = whole([sys.executable, "-m", "sdtrace", "trace", "-d", str(TRACE_SECONDS),
-                        *specs])
-    rows.append(("sdtrace tracefs executor (trace -d 1)", peer_sites, seconds, ""))
+    rows.append((BPF_ROW, *run_sdtrace("bpf", [f"{LIBJVM}:*:*"])))
+    if not every:
+        rows.append((BPF_ROW, *run_sdtrace("bpf", specs)))
+    rows.append(("sdtrace trace --executor tracefs", *run_sdtrace("tracefs", specs)))
     bpftrace = shutil.which("bpftrace")
     if bpftrace is not None:
         points = ",".join(f"usdt:{LIBJVM}:{provider}:{name}" for provider, name in chosen)

@@ -6,8 +6,10 @@ in a tight loop; the program itself reports the loop's wall time.  Each
 tracer attaches to a running flood with -p, so both pay the same costs.
 
   1. per-hit cost in the traced program: untraced (semaphore 0) versus
-     `sdtrace trace --json -o FILE` versus bpftrace printf("%d %s", arg0,
-     str(arg1)); (loop time - untraced loop time) / N;
+     `sdtrace trace --json -o FILE` with each executor versus bpftrace
+     printf("%d %s", arg0, str(arg1)); (loop time - untraced loop time) / N,
+     also as a ratio to the floor, bpftrace with an empty action (a bare
+     uprobe: the trap and an empty program);
   2. lossless throughput: events written + lost versus hits, and the rate at
      which the tracer wrote them (events / time from the burst's start to the
      tracer's last write);
@@ -65,9 +67,9 @@ def start_tracer(command, flood, ready_text, stream):
     return process, armed
 
 
-def run_sdtrace(flood, untraced_ns, output):
-    command = [sys.executable, "-m", "sdtrace", "trace", "--json", "-o", output, "-p",
-               str(flood.pid), "flood:hit(,str)"]
+def run_sdtrace(flood, untraced_ns, output, executor):
+    command = [sys.executable, "-m", "sdtrace", "trace", "--executor", executor, "--json",
+               "-o", output, "-p", str(flood.pid), "flood:hit(,str)"]
     process, armed = start_tracer(command, flood, "sdtrace: tracing", subprocess.DEVNULL)
     fired, elapsed, started = timed_fire(flood, HITS)
     last_write = last_growth(output)
@@ -79,9 +81,11 @@ def run_sdtrace(flood, untraced_ns, output):
             "armed_ms": armed * 1000}
 
 
-def run_bpftrace(flood, untraced_ns, output):
-    hits = max(1, HITS // 10)
-    program = f'usdt:{FLOOD}:flood:hit {{ printf("%d %s\\n", arg0, str(arg1)); }}'
+def run_bpftrace(flood, untraced_ns, output, action):
+    """bpftrace with `action`: printf of both arguments (HITS/10: its printf path is
+    slow), or nothing at all, the floor: a bare uprobe's trap and BPF program."""
+    hits = max(1, HITS // 10) if action else HITS
+    program = f'usdt:{FLOOD}:flood:hit {{ {action} }}'
     with open(output, "w") as stream:
         process, armed = start_tracer(["bpftrace", "-p", str(flood.pid), "-e", program],
                                       flood, None, stream)
@@ -91,7 +95,7 @@ def run_bpftrace(flood, untraced_ns, output):
         process.send_signal(signal.SIGINT)
         process.communicate(timeout=120)
     with open(output) as events:
-        written = sum(1 for line in events if line[:1].isdigit())
+        written = sum(1 for line in events if line[:1].isdigit()) if action else fired
     untraced_share = untraced_ns * hits / HITS
     return {"per_hit_us": (elapsed - untraced_share) / fired / 1000, "fired": fired,
             "written": written, "lost": fired - written, "rate": written / (last_write - started),
@@ -109,22 +113,32 @@ def main():
         untraced_ns = untraced_loop(flood)
         results = {}
         with tempfile.TemporaryDirectory() as scratch:
-            results["sdtrace trace --json -o FILE"] = run_sdtrace(
-                flood, untraced_ns, os.path.join(scratch, "sdtrace.json"))
+            if shutil.which("bpftrace"):
+                results[FLOOR] = run_bpftrace(
+                    flood, untraced_ns, os.path.join(scratch, "empty.txt"), "")
+            for executor in ("bpf", "tracefs"):
+                results[f"sdtrace --executor {executor}"] = run_sdtrace(
+                    flood, untraced_ns, os.path.join(scratch, f"{executor}.json"), executor)
             if shutil.which("bpftrace"):
                 results["bpftrace printf+str()"] = run_bpftrace(
-                    flood, untraced_ns, os.path.join(scratch, "bpftrace.txt"))
-    print(f"flood:hit(long, str), {HITS:,} hits; untraced loop {untraced_ns / HITS:.3f} ns/hit")
-    print(f"{'tracer':30} {'µs/hit':>8} {'fired':>10} {'written':>10} {'lost':>9} "
-          f"{'events/s':>10} {'armed ms':>9}")
+                    flood, untraced_ns, os.path.join(scratch, "bpftrace.txt"),
+                    'printf("%d %s\\n", arg0, str(arg1));')
+    floor = results.get(FLOOR, {}).get("per_hit_us")
+    print(f"flood:hit(long, str), {HITS:,} hits to a JSON file; untraced loop "
+          f"{untraced_ns / HITS:.3f} ns/hit; x floor: per-hit cost / {FLOOR}'s")
+    print(f"{'tracer':30} {'µs/hit':>8} {'x floor':>8} {'fired':>10} {'written':>10} "
+          f"{'lost':>9} {'events/s':>10} {'armed ms':>9}")
     for name, row in results.items():
-        print(f"{name:30} {row['per_hit_us']:8.2f} {row['fired']:10,} {row['written']:10,} "
-              f"{row['lost']:9,} {row['rate']:10,.0f} {row['armed_ms']:9.0f}")
-    if len(results) == 2:
-        ours, theirs = results.values()
-        print(f"bpftrace / sdtrace: per-hit cost {theirs['per_hit_us'] / ours['per_hit_us']:.1f}x, "
-              f"throughput {ours['rate'] / theirs['rate']:.1f}x, "
-              f"start-to-armed {theirs['armed_ms'] / ours['armed_ms']:.1f}x")
+        ratio = f"{row['per_hit_us'] / floor:8.2f}" if floor else f"{'-':>8}"
+        print(f"{name:30} {row['per_hit_us']:8.2f} {ratio} {row['fired']:10,} "
+              f"{row['written']:10,} {row['lost']:9,} {row['rate']:10,.0f} "
+              f"{row['armed_ms']:9.0f}")
+    bpf, tracefs = results["sdtrace --executor bpf"], results["sdtrace --executor tracefs"]
+    print(f"bpf / tracefs executor: throughput {bpf['rate'] / tracefs['rate']:.2f}x, "
+          f"per-hit cost {bpf['per_hit_us'] / tracefs['per_hit_us']:.2f}x")
+
+
+FLOOR = "bpftrace (empty action)"
 
 
 if __name__ == "__main__":
