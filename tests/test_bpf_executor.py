@@ -12,8 +12,8 @@ import sys
 from collections import Counter
 
 import pytest
-from helpers import (LIBJVM, REPOSITORY, Target, address_of, bpf_events, counter, read_mem,
-                     set_counter, wait_for)
+from helpers import (CFLAGS, FIXTURES_DIR, LIBJVM, OPT_LEVELS, PROGRAMS, REPOSITORY, Target,
+                     address_of, bpf_events, counter, read_mem, set_counter, wait_for)
 
 from sdtrace.discovery import notes
 from sdtrace.engine import fetchargs
@@ -43,11 +43,36 @@ def fire_and_read(target, executor, expected):
     return records, truth
 
 
+CONFORMANCE_LEVELS = ("O0", "O1", "O2", "O3", "Os")
+
+
+@pytest.fixture(scope="module")
+def conformance(fixtures, tmp_path_factory):
+    """(name, level) -> the fixture program built at that level: the suite's own builds
+    at -O0 and -O2, the others compiled here (gcc moves operands around at each)."""
+    directory = tmp_path_factory.mktemp("levels")
+    paths = {}
+    for level in CONFORMANCE_LEVELS:
+        for name in ("values", "addressing"):
+            if level in OPT_LEVELS:
+                paths[name, level] = fixtures.path(name, level)
+                continue
+            sources, flags = PROGRAMS[name]
+            output = str(directory / f"{name}-{level}")
+            subprocess.run(["gcc", f"-{level}", *CFLAGS, "-o", output,
+                            *(os.path.join(FIXTURES_DIR, source) for source in sources), *flags],
+                           check=True)
+            paths[name, level] = output
+    return paths
+
+
+@pytest.mark.parametrize("level", CONFORMANCE_LEVELS)
 @pytest.mark.parametrize("name", ["values", "addressing"])
-def test_every_argument_decodes_to_the_truth(fixtures, opt, name):
-    """All sites of a file on one link: each record's arguments are what the program printed,
-    the operands the tracefs executor cannot fetch (base+index*scale) included."""
-    path = fixtures.path(name, opt)
+def test_every_argument_decodes_to_the_truth(conformance, level, name):
+    """All sites of a file on one link, at every optimisation level: each record's arguments
+    are what the program printed, the operands the tracefs executor cannot fetch
+    (base+index*scale) included."""
+    path = conformance[name, level]
     sites, types = sites_and_types(path)
     with Target(path) as target, BpfExecutor(sites, types, pid=target.pid) as executor:
         assert executor.warnings == []
@@ -64,7 +89,8 @@ def test_every_argument_decodes_to_the_truth(fixtures, opt, name):
         else:
             assert record.truncated == []
         assert record.args == expected, probe
-        assert (record.pid, record.tid, record.comm) == (target.pid, target.pid, name)
+        assert (record.pid, record.tid) == (target.pid, target.pid)
+        assert path.endswith(record.comm)             # the comm: the file name, cut at 15
     if name == "addressing":
         sib = [site for site in sites if site.name == "sib"][0]
         assert all(plan.unavailable for plan in fetchargs.plan_probe(sib))
