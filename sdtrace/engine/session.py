@@ -49,6 +49,7 @@ import time
 
 from ..discovery import specs
 from ..errors import SdtraceError
+from ..kernel import tracefs
 from ..kernel.log import logger
 from . import events
 
@@ -120,6 +121,7 @@ class Session:
 
     def start(self):
         started = time.monotonic()
+        tracefs.root()      # mounted if missing; what an unprivileged user hears first
         if self.semaphores == "auto":
             self.semaphores, why = auto_semaphores()
             _log.debug("semaphores: %s, chosen by auto: %s", self.semaphores, why)
