@@ -11,7 +11,11 @@ fires N hits, one tracer at a time:
              dispatch and an empty BPF program -- the floor for any tracer;
   bpftrace   usdt:FLOOD:flood:hit { @[arg0] = count(); } (the map sized for
              N keys: arg0 runs 0..N-1, so every hit is a new key);
-  sdtrace    sdtrace count --by arg0 -p PID flood:hit.
+  sdtrace    sdtrace count -p PID flood:hit with the BPF executor, which
+             counts in the kernel, in each of its maps: --by arg0 (a per-CPU
+             array slot per value, --max-keys N), --by probe (a slot per
+             site), --by comm,arg0 (a per-CPU hash); and --by arg0 with the
+             tracefs executor, which counts records in Python.
 
 Per tracer, per hit:
   in target  (loop time - untraced loop time) / fired: what the traced
@@ -23,51 +27,117 @@ Per tracer, per hit:
   total      the sum; ratios are of totals.  Printing the final table or
              map is not included for either.
 
-sdtrace's count is only meaningful without loss: its ring is sized to hold
-the whole burst (--buffer-pages), and the lost count is printed.
+The tracefs executor's count is only meaningful without loss: its ring is
+sized to hold the whole burst (--buffer-pages), and the lost count is
+printed.  Then PRODUCERS floods fire N hits each at once, counted
+system-wide by sdtrace (in the kernel) and by bpftrace's @ = count(): both
+totals must be PRODUCERS x N.
 
 Run as root after the test suite has built the fixtures:
     python3 bench/count.py [HITS]        (default 1,000,000)
 """
+import re
 import shutil
+import signal
+import subprocess
 import sys
 
-from common import (FLOOD, HITS, bpftrace_ready, measure, require_flood, untraced_loop,
-                    wait_for_line)
-from helpers import Target, summary_counts  # the fixtures' driver (common put tests/ on the path)
+from common import (ENVIRONMENT, FLOOD, HITS, bpftrace_ready, measure, require_flood,
+                    untraced_loop, wait_for_line)
+from helpers import Target, at_once, summary_counts  # the fixtures' driver (common put tests/ on the path)
 
 BUFFER_PAGES = 1 << 15          # 128 MiB per CPU: a whole burst of ~100-byte samples
 
 
-def main():
-    require_flood()
-    rows = {}
+def sdtrace_count(flood, untraced_ns, *options):
+    return measure(flood, [sys.executable, "-m", "sdtrace", "count", *options,
+                           "--buffer-pages", str(BUFFER_PAGES), "-p", str(flood.pid),
+                           "flood:hit"], untraced_ns, wait_for_line("sdtrace: tracing"))
+
+
+def per_hit_costs():
+    """{row: figures}, {row: sdtrace's stderr}: each tracer on one flood, one at a time."""
+    rows, errs = {}, {}
     with Target(FLOOD, timeout=600) as flood:
         untraced_ns = untraced_loop(flood)
         probe = f"usdt:{FLOOD}:flood:hit"
         if shutil.which("bpftrace"):
-            rows["bare uprobe (bpftrace, empty action)"], _ = measure(
+            rows[FLOOR], _ = measure(
                 flood, ["bpftrace", "-p", str(flood.pid), "-e", f"{probe} {{ }}"], untraced_ns,
                 bpftrace_ready(flood))
             rows["bpftrace @[arg0] = count()"], _ = measure(
                 flood, ["bpftrace", "-p", str(flood.pid), "-e",
                         f"{probe} {{ @[arg0] = count(); }}"], untraced_ns, bpftrace_ready(flood),
                 {"BPFTRACE_MAP_KEYS_MAX": str(HITS + 4096)})
-        rows["sdtrace count --by arg0"], err = measure(
-            flood, [sys.executable, "-m", "sdtrace", "count", "--by", "arg0", "--buffer-pages",
-                    str(BUFFER_PAGES), "-p", str(flood.pid), "flood:hit"], untraced_ns,
-            wait_for_line("sdtrace: tracing"))
-    received, lost = summary_counts(err)
-    print(f"{HITS:,} hits of flood:hit, untraced loop {untraced_ns / HITS:.3f} ns/hit")
-    print(f"{'':40} {'in target':>10} {'in tracer':>10} {'total':>10}  (us/hit)")
+        keys = str(HITS + 4096)
+        for name, options in (
+                ("count --by arg0 (bpf: per-CPU array slot)", ("--by", "arg0", "--max-keys", keys)),
+                ("count --by probe (bpf: per-CPU array slot)", ("--by", "probe")),
+                ("count --by comm,arg0 (bpf: per-CPU hash)",
+                 ("--by", "comm,arg0", "--max-keys", keys)),
+                ("count --by arg0 --executor tracefs", ("--by", "arg0", "--executor", "tracefs"))):
+            rows[f"sdtrace {name}"], errs[f"sdtrace {name}"] = sdtrace_count(
+                flood, untraced_ns, *options)
+    return rows, errs
+
+
+def exactness():
+    """(sdtrace's total and lost, bpftrace's total) of PRODUCERS floods firing HITS each at
+    once, counted system-wide."""
+    floods = [Target(FLOOD, timeout=600) for _ in range(PRODUCERS)]
+    for flood in floods:
+        flood.start()
+    try:
+        results = {}
+        tracers = {"sdtrace": [sys.executable, "-m", "sdtrace", "count", "--json",
+                               f"{FLOOD}:flood:hit"],
+                   "bpftrace": ["bpftrace", "-e", f"usdt:{FLOOD}:flood:hit {{ @ = count(); }}"]}
+        for name, command in tracers.items():
+            if not shutil.which(command[0]) and name == "bpftrace":
+                continue
+            tracer = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True, env=ENVIRONMENT)
+            if name == "sdtrace":
+                wait_for_line("sdtrace: tracing")(tracer)
+            else:
+                bpftrace_ready(floods[0])(tracer)
+            at_once(floods, f"fire {HITS}", timeout=600)
+            tracer.send_signal(signal.SIGINT)
+            out, err = tracer.communicate(timeout=600)
+            if name == "sdtrace":
+                results[name] = summary_counts(err)
+            else:
+                # less the one hit bpftrace_ready fired to see it attached
+                results[name] = (int(re.search(r"@: (\d+)", out).group(1)) - 1, None)
+        return results
+    finally:
+        for flood in floods:
+            flood.stop()
+
+
+def main():
+    require_flood()
+    rows, errs = per_hit_costs()
+    floor = rows.get(FLOOR, {}).get("in_target")
+    print(f"{HITS:,} hits of flood:hit (arg0 runs 0..N-1: every hit a new key), per hit (us); "
+          f"x floor: in target / {FLOOR}'s")
+    print(f"{'':52} {'in target':>10} {'in tracer':>10} {'total':>10} {'x floor':>8}")
     for name, figures in rows.items():
-        print(f"{name:40} {figures['in_target']:10.3f} {figures['in_tracer']:10.3f} "
-              f"{figures['total']:10.3f}")
-    print(f"sdtrace received {received:,} events, lost {lost:,}")
-    sdtrace = rows["sdtrace count --by arg0"]["total"]
-    for name in ("bpftrace @[arg0] = count()", "bare uprobe (bpftrace, empty action)"):
-        if name in rows:
-            print(f"sdtrace / {name}: {sdtrace / rows[name]['total']:.2f}x")
+        ratio = f"{figures['in_target'] / floor:8.2f}" if floor else f"{'-':>8}"
+        print(f"{name:52} {figures['in_target']:10.3f} {figures['in_tracer']:10.3f} "
+              f"{figures['total']:10.3f} {ratio}")
+    for name, err in errs.items():
+        received, lost = summary_counts(err)
+        print(f"{name}: {received:,} counted, {lost:,} lost")
+    exact = exactness()
+    print(f"{PRODUCERS} floods x {HITS:,} hits at once, counted system-wide "
+          f"(expected {PRODUCERS * HITS:,}):")
+    for name, (total, lost) in exact.items():
+        print(f"  {name}: {total:,}" + ("" if lost is None else f" counted, {lost:,} lost"))
+
+
+FLOOR = "bare uprobe (bpftrace, empty action)"
+PRODUCERS = 4
 
 
 if __name__ == "__main__":

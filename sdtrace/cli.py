@@ -132,6 +132,9 @@ def build_parser():
     count.add_argument("--by", default="probe", metavar="KEY[,KEY...]",
                        help="count per KEY (default: probe)")
     count.add_argument("--top", type=int, metavar="N", help="show the N largest counts")
+    count.add_argument("--max-keys", type=int, metavar="N",
+                       help="bpf executor: count at most N keys in the kernel (default 65536); "
+                            "hits of keys beyond are counted as not counted, never silently")
     count.add_argument("--interval", type=float, metavar="S",
                        help="also print the counts of every S seconds")
     count.add_argument("specs", nargs="+", metavar="SPEC")
@@ -340,9 +343,10 @@ def _aggregate(args, specs, plan, interval=None, on_interval=None, on_pair=None)
     from .present import aggregate, output
 
     stop = _StopFlag()
-    session = _session(specs, args)
+    session = _session(specs, args, aggregate.tally_for(plan, getattr(args, "max_keys", None)
+                                                        or aggregate.DEFAULT_MAX_KEYS))
     with session:
-        aggregator = aggregate.UserSpaceExecutor(session).aggregator(plan, on_pair)
+        aggregator = aggregate.KernelExecutor(session).aggregator(plan, on_pair)
         sys.stderr.write(f"sdtrace: tracing {len(session.sites)} site(s); Ctrl-C to end\n")
         started = time.monotonic()
         for batch in session.batches(None, args.duration, lambda: stop.requested, interval,
@@ -350,7 +354,9 @@ def _aggregate(args, specs, plan, interval=None, on_interval=None, on_pair=None)
                                          aggregator, time.monotonic() - started))):
             aggregator.add(batch)
         aggregator.flush()
-    if session.lost:
+    if session.lost and session.counting_in_kernel:
+        warn(f"{session.lost} hits not counted: the map of keys is full (raise --max-keys)")
+    elif session.lost:
         warn(f"{output.lost_warning(session.lost)}: the results are low")
     _say_session_end(session)
     sys.stderr.write(output.summary_line(session.received, session.lost))
@@ -468,19 +474,20 @@ def run_semaphores(args):
     return 0
 
 
-def _session(specs, args):
-    """The engine.session.Session of `specs` that the session options of `args` ask for."""
+def _session(specs, args, tally=None):
+    """The engine.session.Session of `specs` that the session options of `args` ask for
+    (counting in the kernel by `tally` where the executor can)."""
     from .engine.session import Session
 
     return Session(specs, pid=args.pid, command=args.command,
                    buffer_pages=args.buffer_pages, semaphores=args.semaphores, warn=warn,
                    keep_command=args.keep_command, executor=args.executor,
-                   string_size=args.string_size)
+                   string_size=args.string_size, tally=tally)
 
 
 # Options that must be above 0, by argparse destination.
 POSITIVE_OPTIONS = {"count": "-n", "duration": "-d", "buffer_pages": "--buffer-pages",
-                    "string_size": "--string-size",
+                    "string_size": "--string-size", "max_keys": "--max-keys",
                     "top": "--top", "interval": "--interval"}
 
 

@@ -194,6 +194,22 @@ def bpf_events(executor, timeout=0):
     return [Event.from_record(record) for record in executor.read(timeout)]
 
 
+def at_once(targets, command, timeout=300):
+    """Sends `command` to every Target at the same time; {pid: its reply's lines}."""
+    import threading
+
+    replies = {}
+
+    def send(target):
+        replies[target.pid] = target.send(command, timeout=timeout)
+    threads = [threading.Thread(target=send, args=(target,)) for target in targets]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return replies
+
+
 def wait_for(condition, timeout=5.0):
     """Polls `condition` until it holds or `timeout` seconds pass; its last value."""
     deadline = time.monotonic() + timeout

@@ -17,7 +17,7 @@ import subprocess
 
 import pytest
 from helpers import SYSTEM_PYTHON as PYTHON
-from helpers import Target, one_line_error, sdtrace, sdtrace_command, summary_counts
+from helpers import Target, at_once, one_line_error, sdtrace, sdtrace_command, summary_counts
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("executor")]
 
@@ -295,3 +295,60 @@ def test_bad_keys_and_specs_are_one_line_errors(fixtures):
     one_line_error(sdtrace("latency", "-c", workload, "workload:start", "workload:nothing"),
                    "no probe matches")
     one_line_error(sdtrace("count", "--top", "0", "-c", workload, "workload:request"), "--top")
+
+
+# -- counting in the kernel --------------------------------------------------------------
+
+PRODUCERS, HITS_EACH = 4, 1_000_000
+
+
+def count_in_background(*args):
+    """`sdtrace count --json ARGS` running, armed (its "tracing" line read)."""
+    process = subprocess.Popen(sdtrace_command("count", "--json", *args), stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = process.stderr.readline()
+    assert "sdtrace: tracing" in line, line + process.stderr.read()
+    return process
+
+
+def test_a_flood_from_four_processes_is_counted_exactly(fixtures, executor):
+    """4 processes x 1,000,000 hits on 2 cores, counted system-wide: the BPF executor counts
+    in the kernel and is exact; over records (tracefs) the ring loses hits, and says so."""
+    flood = fixtures.path("flood")
+    targets = [Target(flood, timeout=300) for _ in range(PRODUCERS)]
+    try:
+        for target in targets:
+            target.start()
+        counter = count_in_background("--by", "pid", f"{flood}:flood:hit")
+        replies = {pid: int(lines[0].split()[1])        # "fired K"
+                   for pid, lines in at_once(targets, f"fire {HITS_EACH}").items()}
+        counter.send_signal(signal.SIGINT)
+        out, err = counter.communicate(timeout=120)
+    finally:
+        for target in targets:
+            target.stop()
+    assert replies == {target.pid: HITS_EACH for target in targets}
+    counts = {row["pid"]: row["count"] for row in json_rows(out)}
+    received, lost = summary_counts(err)
+    if executor == "bpf":
+        assert counts == replies and (received, lost) == (PRODUCERS * HITS_EACH, 0), err
+    else:
+        assert received + lost == PRODUCERS * HITS_EACH and sum(counts.values()) == received
+        assert not lost or "the results are low" in err
+
+
+def test_keys_beyond_max_keys_are_counted_as_not_counted(fixtures, executor):
+    """--max-keys 10 and 100 distinct arg0 values: 0..9 have their slots, the other 90 keys
+    meet a hash of 10: 10 are counted, 80 hits are reported as not counted."""
+    result = sdtrace("count", "--json", "--max-keys", "10", "--by", "arg0", "-c",
+                     fixtures.path("flood"), "flood:hit", stdin="fire 100\n")
+    assert result.returncode == 0, result.stderr
+    counts = {row["arg0"]: row["count"] for row in json_rows(result.stdout)}
+    received, lost = summary_counts(result.stderr)
+    assert all(count == 1 for count in counts.values()) and received + lost == 100
+    if executor == "bpf":
+        assert (received, lost) == (20, 80) and set(range(10)) <= set(counts)
+        assert "80 hits not counted: the map of keys is full (raise --max-keys)" in result.stderr
+    else:
+        assert (received, lost) == (100, 0) and set(counts) == set(range(100))
+

@@ -11,6 +11,7 @@ import struct
 
 import pytest
 from helpers import LIBJVM
+from helpers import SYSTEM_PYTHON as PYTHON
 
 from sdtrace.discovery import notes
 from sdtrace.discovery import operands as ops
@@ -386,3 +387,30 @@ def test_floats_decode_from_their_bits(fixtures):
     data = bytearray(layout.size)
     struct.pack_into("<fxxxxd", data, layout.argument(0), 1.5, -2.25)
     assert parsed(site, layout, data)[6] == [1.5, -2.25]
+
+
+def test_a_count_plan_becomes_a_tally_of_the_sites(fixtures):
+    """Keys resolve against the selected sites as the user-space executor resolves them
+    (a documented name becomes its index); other plans stay with records."""
+    from sdtrace.present import aggregate
+
+    [hit] = notes.read_probes(fixtures.path("flood"))
+    plan = aggregate.Count(aggregate.parse_keys("probe,pid,tid,comm,arg1"))
+    tally = aggregate.tally_for(plan, max_keys=99)([hit])
+    assert (tally.keys, tally.max_keys) == (("site", "pid", "tid", "comm", 1), 99)
+    assert aggregate.tally_for(aggregate.Histogram(aggregate.parse_key("arg0"))) is None
+    with pytest.raises(SdtraceError, match="flood:hit has only 2 arguments"):
+        aggregate.tally_for(aggregate.Count(aggregate.parse_keys("arg5")))([hit])
+    if os.path.exists(PYTHON):
+        [entry] = [site for site in notes.read_probes(PYTHON) if site.name == "function__entry"]
+        named = aggregate.tally_for(aggregate.Count(aggregate.parse_keys("funcname")))([entry])
+        assert named.keys == (1,)
+
+
+def test_a_tally_takes_fields_and_argument_indexes():
+    from sdtrace.engine.bpf.tally import Tally
+
+    assert Tally(("site", 0)).arguments == [0]
+    for bad in ("probe", -1, 1.5):
+        with pytest.raises(ValueError, match="not a key of a hit"):
+            Tally((bad,))

@@ -66,7 +66,7 @@ class Session:
 
     def __init__(self, probe_specs, pid=None, command=None, buffer_pages=None,
                  semaphores="auto", warn=None, keep_command=False, executor="auto",
-                 string_size=None):
+                 string_size=None, tally=None):
         if pid is not None and command is not None:
             raise SdtraceError("give a PID or a command, not both")
         for label, value, choices in (("semaphores", semaphores, SEMAPHORE_MODES),
@@ -79,6 +79,7 @@ class Session:
         self.semaphores = semaphores    # "kernel" or "user" once started
         self.executor = executor        # "bpf" or "tracefs" once started
         self.string_size = string_size
+        self.tally = tally      # sites -> bpf.tally.Tally: the bpf executor counts, no records
         self.spec_texts = list(probe_specs)
         self.pid = pid
         self.command = shlex.split(command) if isinstance(command, str) else command
@@ -186,7 +187,17 @@ class Session:
         return BpfExecutor(sites, types, pid=root or 0, children=self.child is not None,
                            ring_bytes=_ring_bytes(self.buffer_pages),
                            string_length=self.string_size or codegen.DEFAULT_STRING_LENGTH,
-                           kernel_semaphores=kernel_semaphores)
+                           kernel_semaphores=kernel_semaphores,
+                           tally=self.tally and self.tally(sites))
+
+    @property
+    def counting_in_kernel(self):
+        """Whether the hits are counted in kernel maps (a tally on the bpf executor)."""
+        return getattr(self._executor, "tally", None) is not None
+
+    def tally_counts(self):
+        """With counting_in_kernel: the counts so far, by raw key (engine/bpf/tally.py)."""
+        return self._executor.counts()
 
     def _raise_in(self, pid):
         """User mode: raise the session's counters in process `pid` (and keep them raised)."""

@@ -48,7 +48,7 @@ import ctypes
 import errno
 import os
 import struct
-from typing import Iterable, List, Optional, Sequence
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 from ..errors import BpfRefused
 from .libc import libc, machine, syscall_number
@@ -63,12 +63,15 @@ BPF_MAP_CREATE = 0
 BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
+BPF_MAP_GET_NEXT_KEY = 4
 BPF_PROG_LOAD = 5
 BPF_F_SLEEPABLE = 1 << 4     # prog_flags: may fault user pages in (bpf_copy_from_user), 5.10
+BPF_MAP_LOOKUP_BATCH = 24   # 5.6, cb4d03ab499d ("bpf: Add generic support for lookup batch op")
 BPF_LINK_CREATE = 28
 
 # enum bpf_map_type
 BPF_MAP_TYPE_HASH = 1
+BPF_MAP_TYPE_PERCPU_HASH = 5
 BPF_MAP_TYPE_PERCPU_ARRAY = 6
 BPF_MAP_TYPE_RINGBUF = 27
 
@@ -109,6 +112,9 @@ MAP_CREATE = Layout(("map_type", "I"), ("key_size", "I"), ("value_size", "I"),
                     ("numa_node", "I"), ("map_name", f"{OBJECT_NAME_LENGTH}s"))
 MAP_ELEMENT = Layout(("map_fd", "I"), (None, "4x"), ("key", "Q"), ("value", "Q"),
                      ("flags", "Q"))
+MAP_BATCH = Layout(("in_batch", "Q"), ("out_batch", "Q"), ("keys", "Q"), ("values", "Q"),
+                   ("count", "I"), ("map_fd", "I"), ("elem_flags", "Q"), ("flags", "Q"))
+BATCH_ENTRIES = 4096           # entries read per BPF_MAP_LOOKUP_BATCH call
 PROG_LOAD = Layout(("prog_type", "I"), ("insn_cnt", "I"), ("insns", "Q"), ("license", "Q"),
                    ("log_level", "I"), ("log_size", "I"), ("log_buf", "Q"),
                    ("kern_version", "I"), ("prog_flags", "I"),
@@ -132,12 +138,17 @@ def bpf(command: int, attr: bytes, what: str) -> int:
     """bpf(`command`, `attr`): its non-negative result, or BpfRefused naming `what`.
 
     The caller keeps the buffers `attr` points into alive until this returns."""
+    return bpf_buffer(command, ctypes.create_string_buffer(attr, len(attr)), what)
+
+
+def bpf_buffer(command: int, buffer, what: str) -> int:
+    """bpf() on `buffer`, a ctypes buffer holding the attr, which the kernel may write
+    back (a batch's count)."""
     number = syscall_number(SYSCALL_BPF)
     if number is None:
         raise BpfRefused(f"bpf: {what}: unsupported machine {machine()!r}", what, None)
-    buffer = ctypes.create_string_buffer(attr, len(attr))
     result = libc().syscall(ctypes.c_long(number), ctypes.c_long(command), buffer,
-                            ctypes.c_long(len(attr)))
+                            ctypes.c_long(len(buffer)))
     if result < 0:
         raise _refused(what, ctypes.get_errno())
     return result
@@ -216,13 +227,19 @@ class Map(FdObject):
         super().__init__(fd, name)
         self.map_type, self.key_size, self.value_size = map_type, key_size, value_size
         self.max_entries = max_entries
-        self.per_cpu = map_type == BPF_MAP_TYPE_PERCPU_ARRAY
+        self.per_cpu = map_type in (BPF_MAP_TYPE_PERCPU_ARRAY, BPF_MAP_TYPE_PERCPU_HASH)
         self.slot_size = (value_size + 7) & ~7
         self.value_bytes = self.slot_size * possible_cpus() if self.per_cpu else value_size
 
     @classmethod
     def hash(cls, key_size: int, value_size: int, max_entries: int, name: str = "") -> "Map":
         return cls(BPF_MAP_TYPE_HASH, key_size, value_size, max_entries, name)
+
+    @classmethod
+    def percpu_hash(cls, key_size: int, value_size: int, max_entries: int,
+                    name: str = "") -> "Map":
+        """A hash map whose values have one copy per CPU (4.6, 824bd0ce6c7c)."""
+        return cls(BPF_MAP_TYPE_PERCPU_HASH, key_size, value_size, max_entries, name)
 
     @classmethod
     def percpu_array(cls, value_size: int, max_entries: int, name: str = "") -> "Map":
@@ -266,6 +283,58 @@ class Map(FdObject):
     def total_per_cpu(self, key: bytes) -> int:
         """A per-CPU map's u64 counters at `key`, summed over the CPUs."""
         return sum(int.from_bytes(value, "little") for value in self.lookup_per_cpu(key))
+
+    def items(self) -> Iterable[Tuple[bytes, bytes]]:
+        """Every (key, value) of the map (per-CPU maps: every CPU's slot, concatenated),
+        read in batches of BATCH_ENTRIES; where the kernel has no batch lookup for the
+        map, key by key (BPF_MAP_GET_NEXT_KEY, then a lookup)."""
+        keys = ctypes.create_string_buffer(self.key_size * BATCH_ENTRIES)
+        values = ctypes.create_string_buffer(self.value_bytes * BATCH_ENTRIES)
+        cursor = ctypes.create_string_buffer(max(self.key_size, 8))
+        first = True
+        while True:
+            attr = ctypes.create_string_buffer(MAP_BATCH.pack(
+                in_batch=0 if first else ctypes.addressof(cursor),
+                out_batch=ctypes.addressof(cursor), keys=ctypes.addressof(keys),
+                values=ctypes.addressof(values), count=BATCH_ENTRIES, map_fd=self.fd))
+            try:
+                bpf_buffer(BPF_MAP_LOOKUP_BATCH, attr, f"reading map {self.name}")
+                done = False
+            except BpfRefused as refused:
+                if refused.errno == errno.EINVAL and first:
+                    yield from self._items_one_by_one()
+                    return
+                if refused.errno != errno.ENOENT:
+                    raise
+                done = True                        # the last, possibly partial, batch
+            count = MAP_BATCH.struct.unpack_from(attr.raw)[MAP_BATCH.fields.index("count")]
+            raw_keys, raw_values = keys.raw, values.raw
+            for index in range(count):
+                yield (raw_keys[index * self.key_size:(index + 1) * self.key_size],
+                       raw_values[index * self.value_bytes:(index + 1) * self.value_bytes])
+            if done:
+                return
+            first = False
+
+    def _items_one_by_one(self) -> Iterable[Tuple[bytes, bytes]]:
+        key = ctypes.create_string_buffer(self.key_size)
+        following = ctypes.create_string_buffer(self.key_size)
+        current = None
+        while True:
+            attr = MAP_ELEMENT.pack(map_fd=self.fd,
+                                    key=0 if current is None else ctypes.addressof(key),
+                                    value=ctypes.addressof(following))
+            try:
+                bpf(BPF_MAP_GET_NEXT_KEY, attr, f"walking map {self.name}")
+            except BpfRefused as refused:
+                if refused.errno == errno.ENOENT:
+                    return
+                raise
+            current = following.raw
+            ctypes.memmove(key, following, self.key_size)
+            value = self.lookup(current)
+            if value is not None:
+                yield current, value
 
     def update(self, key: bytes, value: bytes, flags: int = BPF_ANY) -> None:
         if len(value) != self.value_bytes:

@@ -94,6 +94,7 @@ def _offsets(fields):
 
 
 OFFSETS = _offsets(HEADER)        # field -> its offset in the record
+HEADER_FIELDS = tuple(name for name, _code in HEADER)
 ARGUMENT_SLOT = struct.Struct("<Q")
 
 # How one argument is obtained:
@@ -189,18 +190,20 @@ class RecordLayout:
         return self.arguments + ARGUMENT_SLOT.size * index
 
 
-class _Block:
+class Block:
     """Emits the code of one record layout into an Assembler."""
 
     def __init__(self, code, layout, machine, maps, name, sleepable):
         self.code, self.layout, self.name = code, layout, name
-        self.sleepable, self.copies = sleepable, 0
+        self.sleepable, self.copies, self.fills = sleepable, 0, 0
+        self.prefix = name         # of the labels of the current fill()
         self.registers = REGISTERS[machine]
         self.ip = self.registers[INSTRUCTION_POINTER[machine]]
         self.ring_fd, self.lost_fd = maps
 
     def emit(self, record_size):
-        code, layout = self.code, self.layout
+        """The record path: reserve a record on the ring, fill it, submit it."""
+        code = self.code
         code.label(self.name)
         code.load_map(R1, self.ring_fd)
         code.mov(R2, record_size)
@@ -208,32 +211,52 @@ class _Block:
         code.call("ringbuf_reserve")
         code.jump("jeq", R0, 0, "lost")
         code.mov(R8, R0)
-        code.call("ktime_get_ns")
-        code.store(8, R8, OFFSETS["ts"], R0)
-        code.call("get_current_pid_tgid")
-        code.store(8, R8, OFFSETS["tid"], R0)
-        code.call("get_smp_processor_id")
-        code.store(4, R8, OFFSETS["cpu"], R0)
-        code.store(4, R8, OFFSETS["site"], R7)
-        code.mov(R1, R8)
-        code.alu64("add", R1, OFFSETS["comm"])
-        code.mov(R2, 16)
-        code.call("get_current_comm")
-        unavailable = sum(1 << index for index, plan in enumerate(layout.plans)
-                          if plan.kind is None)
-        code.store(4, R8, OFFSETS["missing"], _signed32(unavailable))
-        code.store(4, R8, OFFSETS["truncated"], 0)
-        for index, plan in enumerate(layout.plans):
-            if plan.kind is not None:
-                self.argument(index, plan)
-        for index, plan in enumerate(layout.plans):
-            if plan.string and plan.length is not None:
-                self._counted(index, plan.length)
+        self.fill(HEADER_FIELDS, range(len(self.layout.plans)))
         code.mov(R1, R8)
         code.mov(R2, 0)
         code.call("ringbuf_submit")
         code.mov(R0, 0)
         code.exit()
+
+    def fill(self, fields, arguments):
+        """Writes the header `fields` (names of HEADER; missing, truncated always) and
+        the `arguments` (indexes) into the record at R8; the rest is left alone."""
+        code, layout = self.code, self.layout
+        self.prefix, self.fills = f"{self.name}_fill{self.fills}", self.fills + 1
+        if "ts" in fields:
+            code.call("ktime_get_ns")
+            code.store(8, R8, OFFSETS["ts"], R0)
+        if {"pid", "tid"} & set(fields):
+            code.call("get_current_pid_tgid")
+            if "tid" in fields:
+                code.store(8 if "pid" in fields else 4, R8, OFFSETS["tid"], R0)
+            else:
+                code.alu64("rsh", R0, 32)
+                code.store(4, R8, OFFSETS["pid"], R0)
+        if "cpu" in fields:
+            code.call("get_smp_processor_id")
+            code.store(4, R8, OFFSETS["cpu"], R0)
+        if "site" in fields:
+            code.store(4, R8, OFFSETS["site"], R7)
+        if "comm" in fields:
+            code.mov(R1, R8)
+            code.alu64("add", R1, OFFSETS["comm"])
+            code.mov(R2, 16)
+            code.call("get_current_comm")
+        unavailable = sum(1 << index for index, plan in enumerate(layout.plans)
+                          if plan.kind is None)
+        code.store(4, R8, OFFSETS["missing"], _signed32(unavailable))
+        code.store(4, R8, OFFSETS["truncated"], 0)
+        arguments = set(arguments)
+        for index, plan in enumerate(layout.plans):     # a counted string's length too
+            if plan.string and plan.length is not None and index in arguments:
+                arguments.add(plan.length)
+        for index, plan in enumerate(layout.plans):
+            if plan.kind is not None and index in arguments:
+                self.argument(index, plan)
+        for index, plan in enumerate(layout.plans):
+            if plan.string and plan.length is not None and index in arguments:
+                self._counted(index, plan.length)
 
     def _add_constant(self, register, value):
         if -(1 << 31) <= value < (1 << 31):
@@ -297,7 +320,7 @@ class _Block:
 
     def argument(self, index, plan):
         code, slot = self.code, self.layout.argument(index)
-        done = f"{self.name}_argument{index}"
+        done = f"{self.prefix}_argument{index}"
         if plan.kind in (ops.REGISTER, ops.IMMEDIATE):
             if plan.kind == ops.REGISTER:
                 code.load(8, R9, R6, self.registers[plan.register])
@@ -324,7 +347,7 @@ class _Block:
         `index`'s pointer into its string area; the byte count copied in its slot."""
         code, limit = self.code, self.layout.string_length
         slot, area = self.layout.argument(index), self.layout.strings[index]
-        done = f"{self.name}_counted{index}"
+        done = f"{self.prefix}_counted{index}"
         code.load(4, R1, R8, OFFSETS["missing"])
         code.jump("jset", R1, _signed32(1 << index | 1 << length_index), done)
         code.load(8, R9, R8, slot)
@@ -390,7 +413,7 @@ def _signed32(value):
 
 
 def generate(sites, ring_fd, lost_fd, string_length=DEFAULT_STRING_LENGTH, tree_fd=None,
-             sleepable=True, record_size=None):
+             sleepable=True, record_size=None, emit=None):
     """The program for `sites` ({site id: (site, plans)}, one machine), and the record
     layout of each site id.  A `sleepable` program (loaded with BPF_F_SLEEPABLE) reads
     again, faulting pages in, what the quick read could not.  Every record reserves
@@ -399,7 +422,9 @@ def generate(sites, ring_fd, lost_fd, string_length=DEFAULT_STRING_LENGTH, tree_
 
     `ring_fd` is the ring buffer map, `lost_fd` a per-CPU array of one u64 counting the
     records the ring had no room for; `tree_fd`, if given, the hash map of the tgids to
-    trace (scope.ProcessTree), every other process's hits ignored."""
+    trace (scope.ProcessTree), every other process's hits ignored.  `emit(block,
+    record_size)` writes a block's code instead of Block.emit (tally.py: count in a map,
+    write no record); a block may jump to "out" to return."""
     machines = {site.machine for site, _plans in sites.values()}
     if len(machines) != 1 or not machines <= set(REGISTERS):
         raise SdtraceError(f"the BPF executor cannot generate code for {sorted(machines)}")
@@ -418,7 +443,7 @@ def generate(sites, ring_fd, lost_fd, string_length=DEFAULT_STRING_LENGTH, tree_
     blocks, layouts = {}, {}
     for site_id, (_site, plans) in sites.items():
         if plans not in blocks:
-            blocks[plans] = _Block(code, RecordLayout(plans, string_length), machine,
+            blocks[plans] = Block(code, RecordLayout(plans, string_length), machine,
                                    (ring_fd, lost_fd), f"block{len(blocks)}", sleepable)
         layouts[site_id] = blocks[plans].layout
         code.jump("jeq", R7, site_id, blocks[plans].name)
@@ -430,9 +455,14 @@ def generate(sites, ring_fd, lost_fd, string_length=DEFAULT_STRING_LENGTH, tree_
     code.mov(R0, 0)
     code.exit()
     for block in blocks.values():
-        block.emit(record_size)
-    code.label("lost")
-    count_and_return(code, lost_fd)
+        (emit or Block.emit)(block, record_size)
+    if emit is None:
+        code.label("lost")
+        count_and_return(code, lost_fd)
+    else:                       # no record, so nothing lost: the early exits' "out" alone
+        code.label("out")
+        code.mov(R0, 0)
+        code.exit()
     return code.assemble(), layouts
 
 

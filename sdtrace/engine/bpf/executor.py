@@ -29,6 +29,7 @@ each site of the file is then loaded alone until the culprit is found
 (the verifier's full log is under logging.debug).
 """
 import errno
+import mmap
 
 from ...errors import BpfRefused, NoSuchProcess, SdtraceError
 from ...kernel import procfs, tracefs
@@ -37,6 +38,7 @@ from ...kernel.log import logger
 from .. import events
 from . import codegen, scope
 from .records import RecordParsers
+from .tally import TallyMaps
 from .ringbuf import RingBuffer
 
 log = logger(__name__)
@@ -58,7 +60,8 @@ class BpfExecutor:
 
     def __init__(self, sites, types=None, pid=0, children=False, ring_bytes=DEFAULT_RING_BYTES,
                  string_length=codegen.DEFAULT_STRING_LENGTH,
-                 max_processes=scope.DEFAULT_MAX_PROCESSES, kernel_semaphores=True):
+                 max_processes=scope.DEFAULT_MAX_PROCESSES, kernel_semaphores=True,
+                 tally=None):
         if children and not pid:
             raise ValueError("children are followed from one process: give its pid")
         notes_sites = list(sites)
@@ -73,18 +76,25 @@ class BpfExecutor:
         self._owned = Owned()               # maps, programs, the tree
         self._links = Owned()               # what arms the sites: closed first
         self.tree = None
+        self.tally = None                   # tally.TallyMaps, when hits are counted in maps
+        self._final_counts = None           # its counts, read by finish()
         try:
             if pid:
                 self._starttime = _starttime(pid)
             if children:
                 self.tree = self._owned.own(scope.ProcessTree([pid], max_processes))
+            if tally is not None:                  # no records: the smallest ring there is
+                ring_bytes = mmap.PAGESIZE
             self._ring = self._owned.own(Map.ringbuf(ring_bytes, "sdtrace_ring"))
             self._lost_counter = self._owned.own(Map.percpu_array(8, 1, "sdtrace_lost"))
             plans = {site_id: (site, codegen.plan_site(site, site_types))
                      for site_id, (site, site_types) in enumerate(zip(notes_sites, types))}
             self._warn(plans)
-            self.record_size = max((codegen.RecordLayout(site_plans, string_length).size
-                                    for _site, site_plans in plans.values()), default=0)
+            layouts = {site_id: codegen.RecordLayout(site_plans, string_length)
+                       for site_id, (_site, site_plans) in plans.items()}
+            self.record_size = max((layout.size for layout in layouts.values()), default=0)
+            if tally is not None:
+                self.tally = self._owned.own(TallyMaps(tally, layouts, self.record_size))
             self.layouts = {}
             for path in dict.fromkeys(site.file for site in notes_sites):
                 group = {site_id: entry for site_id, entry in plans.items()
@@ -112,7 +122,8 @@ class BpfExecutor:
     def _load(self, group, string_length):
         code, layouts = codegen.generate(group, self._ring.fd, self._lost_counter.fd,
                                          string_length, self.tree and self.tree.map.fd,
-                                         record_size=self.record_size)
+                                         record_size=self.record_size,
+                                         emit=self.tally and self.tally.emit)
         return Program(code, "sdtrace_usdt", expected_attach_type=BPF_TRACE_UPROBE_MULTI,
                        sleepable=True), layouts
 
@@ -183,6 +194,13 @@ class BpfExecutor:
         self.received += len(items)
         return items
 
+    def counts(self):
+        """With a tally: the counts so far (the final ones after finish()), a Counter of
+        raw key tuples (tally.py)."""
+        if self._final_counts is not None:
+            return self._final_counts
+        return self.tally.counts_by_key(dict(enumerate(self.sites)))
+
     @property
     def pending(self):
         """Whether records are waiting in the ring."""
@@ -202,10 +220,15 @@ class BpfExecutor:
 
     def finish(self, emitter=events.RECORDS):
         """Detaches every site, then returns the items of the records left in the ring;
-        afterwards received + lost counts every hit."""
+        afterwards received + lost counts every hit (with a tally: the hits counted, and
+        those the full map could not count)."""
         self._links.close()
         items = self.read(0, emitter)
         self._lost = self._lost_counter.total_per_cpu(bytes(4))
+        if self.tally is not None:
+            self._final_counts = self.counts()
+            self.received = sum(self._final_counts.values())
+            self._lost += self.tally.dropped_count()
         return items
 
     def close(self):

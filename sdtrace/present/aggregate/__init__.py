@@ -7,8 +7,10 @@ without the commands changing:
   **results** are the plain data that comes back, which report.py renders
   whoever computed it (plans.py);
 * **executors** compute plans: ``UserSpaceExecutor`` (userspace.py) in this
-  process, from the records of a Session; an in-kernel executor would
-  compile the same plans to BPF maps and read them back;
+  process, from the records of a Session; ``KernelExecutor`` (kernel.py)
+  reads back the maps of a Session whose BPF programs counted the hits
+  themselves (``tally_for(plan)``: Count plans), and hands other plans, or
+  sessions on the tracefs executor, to the user-space one;
 * their building blocks: distributions with exact statistics and
   log-linear buckets (distribution.py), and the pairing of START and END
   records in time order (pairing.py).
@@ -19,8 +21,10 @@ from .distribution import Bucket, Distribution
 from .pairing import Pairer, TimeOrder, site_roles
 from .plans import (Count, CountResult, Histogram, HistogramResult, Key, Latency, LatencyResult,
                     Linear, parse_key, parse_keys, parse_linear)
+from .kernel import DEFAULT_MAX_KEYS, KernelExecutor, tally_for
 from .userspace import UserSpaceExecutor
 
-__all__ = ["Bucket", "Count", "CountResult", "Distribution", "Histogram", "HistogramResult",
-           "Key", "Latency", "LatencyResult", "Linear", "Pairer", "TimeOrder",
-           "UserSpaceExecutor", "parse_key", "parse_keys", "parse_linear", "site_roles"]
+__all__ = ["Bucket", "Count", "CountResult", "DEFAULT_MAX_KEYS", "Distribution", "Histogram",
+           "HistogramResult", "Key", "KernelExecutor", "Latency", "LatencyResult", "Linear",
+           "Pairer", "TimeOrder", "UserSpaceExecutor", "parse_key", "parse_keys",
+           "parse_linear", "site_roles", "tally_for"]
