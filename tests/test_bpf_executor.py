@@ -312,3 +312,26 @@ def test_sigkilled_tracer_leaves_no_breakpoint_and_no_semaphore(fixtures):
         finally:
             tracer.kill()
             tracer.wait()
+
+
+@pytest.mark.parametrize("scope", ["pid", "every process"])
+def test_perf_links_arm_the_sites_where_uprobe_multi_is_missing(fixtures, scope):
+    """links="perf" (what a kernel without uprobe_multi links gets): one uprobe-PMU event
+    and BPF perf link per site, its cookie the site id; every hit recorded once, the
+    semaphore raised while armed and lowered after, by pid or for every process."""
+    path = fixtures.path("values")
+    sites, types = sites_and_types(path)
+    with Target(path) as target:
+        with BpfExecutor(sites, types, pid=target.pid if scope == "pid" else 0,
+                         links="perf") as executor:
+            assert executor.links == "perf"
+            guarded = [site for site in sites if site.semaphore]
+            assert guarded and all(counter(target.pid, path, site.semaphore) >= 1
+                                   for site in guarded)
+            records, truth = fire_and_read(target, executor, len(sites))
+            assert executor.lost == 0
+        assert all(counter(target.pid, path, site.semaphore) == 0 for site in guarded)
+    mine = [record for record in records if record.pid == target.pid]
+    assert sorted(record.probe for record in mine) == sorted(truth)
+    for record in mine:
+        assert record.args == truth[record.probe], record.probe

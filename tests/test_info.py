@@ -29,8 +29,9 @@ def test_info_json_reports_every_feature_and_the_choices(program, group):
     for feature in info["features"].values():
         assert set(feature) == {"available", "detail", "kernel"}
     executor = info["executor"]
-    bpf_ready = all(info["features"][name]["available"]
-                    for name in ("bpf", "bpf_ringbuf", "bpf_uprobe_multi"))
+    found = {name: feature["available"] for name, feature in info["features"].items()}
+    bpf_ready = (found["bpf"] and found["bpf_ringbuf"]
+                 and (found["bpf_uprobe_multi"] or found["uprobe_pmu"]))
     assert executor["bpf"]["available"] == (bpf_ready and info["machine"] == "x86_64")
     assert executor["auto"] == ("bpf" if executor["bpf"]["available"] else "tracefs")
     assert executor["tracefs"]["available"] == info["features"]["tracefs_uprobes"]["available"]

@@ -349,6 +349,9 @@ def choose_executor(choice, machines):
 
     missing = [feature for feature in map(features.check, BPF_FEATURES)
                if not feature.available]
+    links = [features.check(name) for name in BPF_LINKS]
+    if not any(feature.available for feature in links):
+        missing += links
     machines = sorted(set(machines) - set(codegen.REGISTERS))
     if missing:
         why = "; ".join(f"{feature.name} (Linux {feature.kernel}): {feature.detail}"
@@ -356,8 +359,10 @@ def choose_executor(choice, machines):
     elif machines:
         why = f"it generates code for {', '.join(codegen.REGISTERS)}, not {', '.join(machines)}"
     else:
+        how = ("uprobe_multi links" if links[0].available else
+               "uprobe perf events with BPF perf links (no uprobe_multi links)")
         return "bpf", ("as asked" if choice == "bpf" else
-                       "the kernel has BPF uprobe_multi links and ring buffers")
+                       f"the kernel has BPF ring buffers and {how}")
     if choice == "bpf":
         raise SdtraceError(f"the bpf executor cannot run here: {why}")
     if missing and all(feature.detail.endswith(features.BPF_PERMISSION) for feature in missing):
@@ -390,7 +395,8 @@ def _ring_bytes(buffer_pages):
 
 SEMAPHORE_MODES = ("auto", "kernel", "user")
 EXECUTORS = ("auto", "bpf", "tracefs")
-BPF_FEATURES = ("bpf", "bpf_ringbuf", "bpf_uprobe_multi")
+BPF_FEATURES = ("bpf", "bpf_ringbuf")
+BPF_LINKS = ("bpf_uprobe_multi", "uprobe_pmu")    # either arms sites (bpf/executor.LINKS)
 FALLBACK = "since the bpf executor cannot run here:"
 MAX_STRING_SIZE = 4096
 # Bytes of records decoded per read_records() (~3,000 records, ~5 ms): a reader behind

@@ -430,17 +430,51 @@ class UprobeMultiLink(FdObject):
 
 
 class PerfEventLink(FdObject):
-    """`program` (a tracepoint program) attached to the perf event open on `perf_fd`.
+    """`program` attached to the perf event open on `perf_fd` (a BPF perf link, 5.15,
+    b89fbfbb854c), `cookie` what bpf_get_attach_cookie() returns there (82e6b1eee6a8).
 
     The link takes its own reference to the event: the caller may close `perf_fd`
     once this returns, leaving the link's fd the attachment's only owner."""
 
-    def __init__(self, program: Program, perf_fd: int):
+    def __init__(self, program: Program, perf_fd: int, cookie: int = 0):
         fd = bpf(BPF_LINK_CREATE,
                  LINK_CREATE_PERF_EVENT.pack(prog_fd=program.fd, target_fd=perf_fd,
-                                             attach_type=BPF_PERF_EVENT),
+                                             attach_type=BPF_PERF_EVENT, bpf_cookie=cookie),
                  f"attaching program {program.name} to perf event fd {perf_fd}")
         super().__init__(fd, program.name)
+
+
+class UprobePerfLinks:
+    """`program` armed on `offsets` of `path` as UprobeMultiLink arms it, one uprobe-PMU
+    perf event and BPF perf link per site: the way for kernels before uprobe_multi
+    links (6.6).  For every process the event is opened on CPU 0 alone, as libbpf
+    does: the program runs at every hit whatever the CPU (it runs before perf's own
+    CPU filter), once per event.  The links are the owners; close() closes them all,
+    newest first.  The program must not be a uprobe_multi one."""
+
+    def __init__(self, program: Program, path: str, offsets: Sequence[int],
+                 ref_ctr_offsets: Optional[Sequence[int]] = None,
+                 cookies: Optional[Sequence[int]] = None, pid: int = 0):
+        from . import perf
+
+        self.path, self.offsets, self.pid = path, tuple(offsets), pid
+        self._links = Owned()
+        try:
+            for index, offset in enumerate(offsets):
+                perf_fd = perf.open_uprobe(path, offset,
+                                           ref_ctr_offsets[index] if ref_ctr_offsets else 0,
+                                           pid if pid else -1, -1 if pid else 0)
+                try:
+                    self._links.own(PerfEventLink(program, perf_fd,
+                                                  cookies[index] if cookies else 0))
+                finally:
+                    os.close(perf_fd)
+        except BaseException:
+            self._links.close()
+            raise
+
+    def close(self) -> None:
+        self._links.close()
 
 
 def _u64_array(values: Optional[Iterable[int]]):

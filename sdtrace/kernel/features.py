@@ -65,8 +65,8 @@ from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
 from ..errors import SdtraceError
+from .perf import UPROBE_PMU, parse_format  # noqa: F401 (parse_format: tests read it here)
 
-UPROBE_PMU = "/sys/bus/event_source/devices/uprobe"
 
 
 @dataclass(frozen=True)
@@ -81,15 +81,6 @@ class Feature:
 
 
 Answer = Tuple[bool, str]     # what a check says: (available, detail)
-
-
-def parse_format(text: str) -> Tuple[str, int, int]:
-    """A PMU format file ("config:32-63", "config1:0") as (field, first bit, last bit)."""
-    field, _, bits = text.strip().partition(":")
-    if not field or not bits:
-        raise ValueError(f"not a PMU format: {text!r}")
-    first, _, last = bits.partition("-")
-    return field, int(first), int(last or first)
 
 
 # --- the checks -----------------------------------------------------------------------

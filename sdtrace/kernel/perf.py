@@ -172,6 +172,50 @@ def open_tracepoint(event_id: int, pid: int = -1, cpu: int = 0, *, inherit: bool
     return fd
 
 
+UPROBE_PMU = "/sys/bus/event_source/devices/uprobe"
+
+
+def parse_format(text: str) -> Tuple[str, int, int]:
+    """A PMU format file ("config:32-63", "config1:0") as (field, first bit, last bit)."""
+    field, _, bits = text.strip().partition(":")
+    if not field or not bits:
+        raise ValueError(f"not a PMU format: {text!r}")
+    first, _, last = bits.partition("-")
+    return field, int(first), int(last or first)
+
+
+def open_uprobe(path: str, offset: int, ref_ctr_offset: int = 0, pid: int = -1,
+                cpu: int = -1) -> int:
+    """A uprobe at `path`+`offset` as a perf event of the dynamic uprobe PMU (4.17,
+    33ea4b24277b), with the semaphore at `ref_ctr_offset` (0: none) in the bits of
+    `config` its format names (4.20, a6ca88b241d5); its fd, opened enabled, for a BPF
+    program to be attached to.  pid=-1 needs a cpu: one event per CPU is every process."""
+    try:
+        with open(os.path.join(UPROBE_PMU, "type")) as file:
+            pmu_type = int(file.read())
+        config = 0
+        if ref_ctr_offset:
+            with open(os.path.join(UPROBE_PMU, "format", "ref_ctr_offset")) as file:
+                field, first, last = parse_format(file.read())
+            if field != "config" or ref_ctr_offset >> (last - first + 1):
+                raise ValueError(f"ref_ctr_offset {ref_ctr_offset:#x} does not fit {field}")
+            config = ref_ctr_offset << first
+    except (OSError, ValueError) as error:
+        raise SdtraceError(f"{path}:{offset:#x}: no uprobe PMU here ({error})") from None
+    path_text = ctypes.create_string_buffer(os.fsencode(path))
+    attr = PERF_EVENT_ATTR.pack(
+        pmu_type, PERF_EVENT_ATTR.size, config, 1, 0, 0, 0, 0, 0,
+        ctypes.addressof(path_text), offset, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+    fd = libc().syscall(ctypes.c_long(_perf_event_open_number()), attr,
+                        ctypes.c_long(pid), ctypes.c_long(cpu), ctypes.c_long(-1),
+                        ctypes.c_ulong(PERF_FLAG_FD_CLOEXEC))
+    if fd < 0:
+        error = ctypes.get_errno()
+        raise SdtraceError(f"perf_event_open(uprobe {path}:{offset:#x}, pid {pid}, cpu {cpu}): "
+                           f"{os.strerror(error)}{_open_hint(error)}")
+    return fd
+
+
 def _open_hint(error: int) -> str:
     if error in (errno.EACCES, errno.EPERM):
         return " (needs root, or a lower /proc/sys/kernel/perf_event_paranoid)"

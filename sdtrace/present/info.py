@@ -27,7 +27,8 @@ def report() -> dict:
     mode, why = session.auto_semaphores()
     uprobes = found["tracefs_uprobes"]
     user = found["proc_connector"]
-    bpf_ready = all(found[name].available for name in session.BPF_FEATURES)
+    bpf_ready = (all(found[name].available for name in session.BPF_FEATURES)
+                 and any(found[name].available for name in session.BPF_LINKS))
     auto, auto_why = session.choose_executor("auto", {machine})
     return {
         "release": os.uname().release,
@@ -37,7 +38,7 @@ def report() -> dict:
             "why": auto_why,
             "bpf": {
                 "available": bpf_ready and machine in codegen.REGISTERS,
-                "needs": list(session.BPF_FEATURES),
+                "needs": [*session.BPF_FEATURES, " or ".join(session.BPF_LINKS)],
                 "machines": sorted(codegen.REGISTERS),
                 "how": "one generated BPF program and one uprobe_multi link per file, "
                        "records on one BPF ring buffer",

@@ -32,8 +32,9 @@ import errno
 import mmap
 
 from ...errors import BpfRefused, NoSuchProcess, SdtraceError
-from ...kernel import procfs, tracefs
-from ...kernel.bpf import BPF_TRACE_UPROBE_MULTI, Map, Owned, Program, UprobeMultiLink
+from ...kernel import features, procfs, tracefs
+from ...kernel.bpf import (BPF_TRACE_UPROBE_MULTI, Map, Owned, Program, UprobeMultiLink,
+                           UprobePerfLinks)
 from ...kernel.log import logger
 from .. import events
 from . import codegen, scope
@@ -44,6 +45,10 @@ from .ringbuf import RingBuffer
 log = logger(__name__)
 
 DEFAULT_RING_BYTES = 4 << 20
+# How the sites are armed: one uprobe_multi link per file (6.6), or where the kernel has
+# none a uprobe-PMU perf event and BPF perf link per site (5.15); the program of a perf
+# link cannot be sleepable here, so it does not fault pages in.
+LINKS = {"multi": UprobeMultiLink, "perf": UprobePerfLinks}
 
 
 class BpfExecutor:
@@ -61,9 +66,14 @@ class BpfExecutor:
     def __init__(self, sites, types=None, pid=0, children=False, ring_bytes=DEFAULT_RING_BYTES,
                  string_length=codegen.DEFAULT_STRING_LENGTH,
                  max_processes=scope.DEFAULT_MAX_PROCESSES, kernel_semaphores=True,
-                 tally=None):
+                 tally=None, links=None):
         if children and not pid:
             raise ValueError("children are followed from one process: give its pid")
+        if links is None:
+            links = "multi" if features.check("bpf_uprobe_multi").available else "perf"
+        if links not in LINKS:
+            raise ValueError(f"links: {links!r} is not one of {', '.join(LINKS)}")
+        self.links = links
         notes_sites = list(sites)
         for site in notes_sites:
             site.check_armable()
@@ -122,10 +132,13 @@ class BpfExecutor:
     def _load(self, group, string_length):
         code, layouts = codegen.generate(group, self._ring.fd, self._lost_counter.fd,
                                          string_length, self.tree and self.tree.map.fd,
+                                         sleepable=self.links == "multi",
                                          record_size=self.record_size,
                                          emit=self.tally and self.tally.emit)
-        return Program(code, "sdtrace_usdt", expected_attach_type=BPF_TRACE_UPROBE_MULTI,
-                       sleepable=True), layouts
+        multi = self.links == "multi"
+        return Program(code, "sdtrace_usdt",
+                       expected_attach_type=BPF_TRACE_UPROBE_MULTI if multi else 0,
+                       sleepable=multi), layouts
 
     def _attach(self, path, group, pid, string_length, kernel_semaphores):
         try:
@@ -136,9 +149,9 @@ class BpfExecutor:
         self.layouts.update(layouts)
         sites = [site for site, _plans in group.values()]
         try:
-            link = UprobeMultiLink(program, path, [site.offset for site in sites],
-                                   [kernel_semaphores and site.semaphore or 0 for site in sites],
-                                   list(group), pid)
+            link = LINKS[self.links](program, path, [site.offset for site in sites],
+                                     [kernel_semaphores and site.semaphore or 0
+                                      for site in sites], list(group), pid)
         except BpfRefused as refused:
             if refused.errno == errno.ESRCH:
                 raise NoSuchProcess(pid) from None
@@ -146,8 +159,8 @@ class BpfExecutor:
                 self._explain_mismatch(path, sites, kernel_semaphores)
             raise
         self._links.own(link)
-        log.debug("%s: %d sites armed with one uprobe_multi link (pid %d)", path, len(sites),
-                  pid)
+        log.debug("%s: %d sites armed with %s (pid %d)", path, len(sites),
+                  "one uprobe_multi link" if self.links == "multi" else "uprobe perf links", pid)
 
     @staticmethod
     def _explain_mismatch(path, sites, kernel_semaphores):
