@@ -3,6 +3,7 @@
 Expected values come from the traced programs themselves (the fixtures print
 the truth) or from the process's memory (/proc/PID/mem), never from sdtrace.
 """
+import errno
 import json
 import logging
 import os
@@ -289,8 +290,37 @@ sys.stdin.read()
 """
 
 
+# what GET_FD_BY_ID takes for each kind of BPF object a tracer's fdinfo names
+GET_FD_BY_ID = {"prog_id": 13, "map_id": 14, "link_id": 30}
+
+
+def bpf_objects(pid):
+    """(kind, id) of every BPF program, map and link process `pid` holds, from fdinfo."""
+    found = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        if "bpf" not in os.readlink(f"/proc/{pid}/fd/{fd}"):
+            continue
+        with open(f"/proc/{pid}/fdinfo/{fd}") as fdinfo:
+            for line in fdinfo:
+                kind, _, value = line.partition(":")
+                if kind in GET_FD_BY_ID:
+                    found.add((kind, int(value)))
+    return found
+
+
+def exists(kind, object_id):
+    """Whether the kernel still has BPF object `object_id` (it is opened and closed)."""
+    try:
+        os.close(bpf.bpf(GET_FD_BY_ID[kind], struct.pack("<III", object_id, 0, 0), "probing"))
+    except BpfRefused as refused:
+        assert refused.errno == errno.ENOENT, refused
+        return False
+    return True
+
+
 def test_sigkilled_tracer_leaves_no_breakpoint_and_no_semaphore(fixtures):
-    """The link's fd is the only owner: a SIGKILLed tracer leaves the process as it found it."""
+    """The fds are the only owners: a SIGKILLed tracer leaves the process as it found it,
+    and no program, map or link of its behind."""
     path = fixtures.path("values")
     [guarded] = [site for site in notes.read_probes(path) if site.name == "guarded"]
     with Target(path) as target:
@@ -305,10 +335,14 @@ def test_sigkilled_tracer_leaves_no_breakpoint_and_no_semaphore(fixtures):
             assert read_mem(target.pid, site, 1) == BREAKPOINT
             assert counter(target.pid, path, guarded.semaphore) == 1
             assert target.send("fire 1")[0] == "guarded 1"
+            objects = bpf_objects(tracer.pid)
+            assert {kind for kind, _id in objects} == set(GET_FD_BY_ID)
+            assert all(exists(*found) for found in objects)
             tracer.kill()
             assert wait_for(lambda: read_mem(target.pid, site, 1) == original
                             and counter(target.pid, path, guarded.semaphore) == 0)
             assert target.send("fire 1")[0] == "guarded 0"
+            assert wait_for(lambda: not any(exists(*found) for found in objects))
         finally:
             tracer.kill()
             tracer.wait()
