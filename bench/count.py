@@ -49,8 +49,10 @@ from helpers import Target, at_once, summary_counts  # the fixtures' driver (com
 BUFFER_PAGES = 1 << 15          # 128 MiB per CPU: a whole burst of ~100-byte samples
 
 
-def sdtrace_count(flood, untraced_ns, *options):
-    return measure(flood, [sys.executable, "-m", "sdtrace", "count", *options,
+def sdtrace_aggregate(flood, untraced_ns, *options):
+    """sdtrace count, or hist if `options` name an --arg, measured on `flood`."""
+    command = "hist" if "--arg" in options else "count"
+    return measure(flood, [sys.executable, "-m", "sdtrace", command, *options,
                            "--buffer-pages", str(BUFFER_PAGES), "-p", str(flood.pid),
                            "flood:hit"], untraced_ns, wait_for_line("sdtrace: tracing"))
 
@@ -69,14 +71,18 @@ def per_hit_costs():
                 flood, ["bpftrace", "-p", str(flood.pid), "-e",
                         f"{probe} {{ @[arg0] = count(); }}"], untraced_ns, bpftrace_ready(flood),
                 {"BPFTRACE_MAP_KEYS_MAX": str(HITS + 4096)})
+            rows["bpftrace @ = hist(arg0)"], _ = measure(
+                flood, ["bpftrace", "-p", str(flood.pid), "-e",
+                        f"{probe} {{ @ = hist(arg0); }}"], untraced_ns, bpftrace_ready(flood))
         keys = str(HITS + 4096)
         for name, options in (
                 ("count --by arg0 (bpf: per-CPU array slot)", ("--by", "arg0", "--max-keys", keys)),
                 ("count --by probe (bpf: per-CPU array slot)", ("--by", "probe")),
                 ("count --by comm,arg0 (bpf: per-CPU hash)",
                  ("--by", "comm,arg0", "--max-keys", keys)),
-                ("count --by arg0 --executor tracefs", ("--by", "arg0", "--executor", "tracefs"))):
-            rows[f"sdtrace {name}"], errs[f"sdtrace {name}"] = sdtrace_count(
+                ("count --by arg0 --executor tracefs", ("--by", "arg0", "--executor", "tracefs")),
+                ("hist --arg 0 (bpf: log-linear buckets)", ("--arg", "0"))):
+            rows[f"sdtrace {name}"], errs[f"sdtrace {name}"] = sdtrace_aggregate(
                 flood, untraced_ns, *options)
     return rows, errs
 

@@ -302,36 +302,45 @@ def test_bad_keys_and_specs_are_one_line_errors(fixtures):
 PRODUCERS, HITS_EACH = 4, 1_000_000
 
 
-def count_in_background(*args):
-    """`sdtrace count --json ARGS` running, armed (its "tracing" line read)."""
-    process = subprocess.Popen(sdtrace_command("count", "--json", *args), stdin=subprocess.DEVNULL,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def aggregate_in_background(command, *args):
+    """`sdtrace COMMAND --json ARGS` running, armed (its "tracing" line read)."""
+    process = subprocess.Popen(sdtrace_command(command, "--json", *args),
+                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
     line = process.stderr.readline()
     assert "sdtrace: tracing" in line, line + process.stderr.read()
     return process
 
 
-def test_a_flood_from_four_processes_is_counted_exactly(fixtures, executor):
-    """4 processes x 1,000,000 hits on 2 cores, counted system-wide: the BPF executor counts
-    in the kernel and is exact; over records (tracefs) the ring loses hits, and says so."""
+@pytest.mark.parametrize("command", ["count", "hist"])
+def test_a_flood_from_four_processes_is_counted_exactly(fixtures, executor, command):
+    """4 processes x 1,000,000 hits on 2 cores, counted (or their arg0 distributed) per pid,
+    system-wide: the BPF executor counts in the kernel and is exact; over records
+    (tracefs) the ring loses hits, and says so."""
     flood = fixtures.path("flood")
     targets = [Target(flood, timeout=300) for _ in range(PRODUCERS)]
     try:
         for target in targets:
             target.start()
-        counter = count_in_background("--by", "pid", f"{flood}:flood:hit")
+        tracer = aggregate_in_background(command, *(["--arg", "0"] if command == "hist" else []),
+                                         "--by", "pid", f"{flood}:flood:hit")
         replies = {pid: int(lines[0].split()[1])        # "fired K"
                    for pid, lines in at_once(targets, f"fire {HITS_EACH}").items()}
-        counter.send_signal(signal.SIGINT)
-        out, err = counter.communicate(timeout=120)
+        tracer.send_signal(signal.SIGINT)
+        out, err = tracer.communicate(timeout=120)
     finally:
         for target in targets:
             target.stop()
     assert replies == {target.pid: HITS_EACH for target in targets}
-    counts = {row["pid"]: row["count"] for row in json_rows(out)}
+    rows = {row["pid"]: row for row in json_rows(out)}
+    counts = {pid: row["count"] for pid, row in rows.items()}
     received, lost = summary_counts(err)
     if executor == "bpf":
         assert counts == replies and (received, lost) == (PRODUCERS * HITS_EACH, 0), err
+        if command == "hist":     # arg0 runs 0..N-1 in each
+            assert all((row["min"], row["max"], row["mean"]) == (0, HITS_EACH - 1,
+                                                                (HITS_EACH - 1) / 2)
+                       for row in rows.values())
     else:
         assert received + lost == PRODUCERS * HITS_EACH and sum(counts.values()) == received
         assert not lost or "the results are low" in err
@@ -352,3 +361,28 @@ def test_keys_beyond_max_keys_are_counted_as_not_counted(fixtures, executor):
     else:
         assert (received, lost) == (100, 0) and set(counts) == set(range(100))
 
+
+
+@pytest.mark.parametrize("executor", ["bpf"], indirect=True)     # both are run here
+@pytest.mark.parametrize("probe, argument", [("values:signed", index) for index in range(4)]
+                         + [("values:unsigned", 3), ("values:ints", 6)])
+def test_kernel_histograms_equal_the_user_space_ones(fixtures, probe, argument):
+    """The programs' log-linear and linear buckets and statistics, of negative values and
+    values of every width, are what the user-space executor computes from records."""
+    rows = {}
+    for executor in ("bpf", "tracefs"):
+        result = sdtrace("hist", "--json", "--executor", executor, "--arg", str(argument),
+                         "--by", "probe", "-c", fixtures.path("values"), probe,
+                         stdin="fire 3\n")
+        assert result.returncode == 0, result.stderr
+        rows[executor] = json_rows(result.stdout)
+        assert summary_counts(result.stderr) == (3, 0)
+    assert rows["bpf"] == rows["tracefs"] and rows["bpf"][0]["count"] == 3
+    linear = {}
+    for executor in ("bpf", "tracefs"):
+        result = sdtrace("hist", "--json", "--executor", executor, "--arg", str(argument),
+                         "--linear=-40000,40000,1000", "-c", fixtures.path("values"), probe,
+                         stdin="fire 2\n")
+        assert result.returncode == 0, result.stderr
+        linear[executor] = json_rows(result.stdout)
+    assert linear["bpf"] == linear["tracefs"]

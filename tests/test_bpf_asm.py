@@ -391,14 +391,19 @@ def test_floats_decode_from_their_bits(fixtures):
 
 def test_a_count_plan_becomes_a_tally_of_the_sites(fixtures):
     """Keys resolve against the selected sites as the user-space executor resolves them
-    (a documented name becomes its index); other plans stay with records."""
+    (a documented name becomes its index); a histogram's value too, unless it is no
+    argument (the user-space executor then says so); latencies stay with records."""
     from sdtrace.present import aggregate
 
     [hit] = notes.read_probes(fixtures.path("flood"))
     plan = aggregate.Count(aggregate.parse_keys("probe,pid,tid,comm,arg1"))
     tally = aggregate.tally_for(plan, max_keys=99)([hit])
     assert (tally.keys, tally.max_keys) == (("site", "pid", "tid", "comm", 1), 99)
-    assert aggregate.tally_for(aggregate.Histogram(aggregate.parse_key("arg0"))) is None
+    histogram = aggregate.tally_for(aggregate.Histogram(
+        aggregate.parse_key("arg0"), (), aggregate.Linear(0, 100, 10)))([hit])
+    assert (histogram.keys, histogram.value, histogram.linear) == ((), 0, (0, 100, 10))
+    assert aggregate.tally_for(aggregate.Histogram(aggregate.parse_key("pid")))([hit]) is None
+    assert aggregate.tally_for(aggregate.Latency(None, None)) is None
     with pytest.raises(SdtraceError, match="flood:hit has only 2 arguments"):
         aggregate.tally_for(aggregate.Count(aggregate.parse_keys("arg5")))([hit])
     if os.path.exists(PYTHON):

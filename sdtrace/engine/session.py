@@ -196,8 +196,13 @@ class Session:
         return getattr(self._executor, "tally", None) is not None
 
     def tally_counts(self):
-        """With counting_in_kernel: the counts so far, by raw key (engine/bpf/tally.py)."""
+        """With counting_in_kernel: the counts so far by raw key, or the histograms
+        (engine/bpf/tally.py)."""
         return self._executor.counts()
+
+    def tally_missing(self):
+        """With counting_in_kernel a histogram: the hits whose value could not be read."""
+        return self._executor.missing()
 
     def _raise_in(self, pid):
         """User mode: raise the session's counters in process `pid` (and keep them raised)."""

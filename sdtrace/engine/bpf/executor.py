@@ -88,6 +88,7 @@ class BpfExecutor:
         self.tree = None
         self.tally = None                   # tally.TallyMaps, when hits are counted in maps
         self._final_counts = None           # its counts, read by finish()
+        self._final_missing = 0
         try:
             if pid:
                 self._starttime = _starttime(pid)
@@ -209,10 +210,19 @@ class BpfExecutor:
 
     def counts(self):
         """With a tally: the counts so far (the final ones after finish()), a Counter of
-        raw key tuples (tally.py)."""
+        raw key tuples, or with its value {raw key: tally.Histogram} (tally.py)."""
         if self._final_counts is not None:
             return self._final_counts
-        return self.tally.counts_by_key(dict(enumerate(self.sites)))
+        sites = dict(enumerate(self.sites))
+        if self.tally.tally.value is None:
+            return self.tally.counts_by_key(sites)
+        return self.tally.histograms(sites)
+
+    def missing(self):
+        """With a tally's value: the hits whose value could not be read."""
+        if self._final_counts is not None:
+            return self._final_missing
+        return self.tally.missing_count()
 
     @property
     def pending(self):
@@ -240,7 +250,12 @@ class BpfExecutor:
         self._lost = self._lost_counter.total_per_cpu(bytes(4))
         if self.tally is not None:
             self._final_counts = self.counts()
-            self.received = sum(self._final_counts.values())
+            if self.tally.tally.value is None:
+                self.received = sum(self._final_counts.values())
+            else:
+                self._final_missing = self.missing()
+                self.received = self._final_missing + sum(
+                    histogram.count for histogram in self._final_counts.values())
             self._lost += self.tally.dropped_count()
         return items
 

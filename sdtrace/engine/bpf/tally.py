@@ -31,10 +31,11 @@ rest, None for an argument that could not be read.
 import struct
 from collections import Counter
 from dataclasses import dataclass
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
+from ...errors import SdtraceError
 from ...kernel.bpf import BPF_NOEXIST, Map, Owned
-from .asm import R0, R1, R2, R3, R4, R7, R8, R10
+from .asm import R0, R1, R2, R3, R4, R5, R7, R8, R9, R10
 from .codegen import OFFSETS, map_call
 from .records import slot_format
 
@@ -43,14 +44,28 @@ DEFAULT_MAX_KEYS = 1 << 16
 KEY_START = OFFSETS["tid"]          # the key: the scratch record from here on
 EEXIST = 17
 COUNT = struct.Struct("<Q")
+# a histogram's per-key statistics (the count tells the CPUs that saw the key)
+# (count, sum as 128 bits: low then high word, minimum, maximum), the extremes as the value's
+# type has them (a u64 is compared and summed unsigned)
+STATS = struct.Struct("<QQQQQ")
+STATS_OFFSETS = {"count": 0, "sum": 8, "sum_high": 16, "minimum": 24, "maximum": 32}
+# where a histogram's buckets go in the key: header fields a tally never keys on
+BUCKET_FIELDS = {"fine": OFFSETS["truncated"], "linear": OFFSETS["cpu"]}
+SUB_BUCKET_BITS = 4                    # distribution.SUB_BUCKET_BITS, as the program computes it
+SUB_BUCKETS = 1 << SUB_BUCKET_BITS
 
 
 @dataclass(frozen=True)
 class Tally:
     """What a hit counts under: a tuple of FIELDS and argument indexes; at most
-    `max_keys` keys (and slots of a direct integer key)."""
+    `max_keys` keys (and slots of a direct integer key).  With `value` (an argument
+    index) the count is of that integer's distribution per key: its log-linear
+    bucket (present/aggregate/distribution.fine_bucket) and, with `linear` (minimum,
+    maximum, step), its linear one, and its count, sum, minimum and maximum."""
     keys: Tuple[Union[str, int], ...]
     max_keys: int = DEFAULT_MAX_KEYS
+    value: Optional[int] = None
+    linear: Optional[Tuple[int, int, int]] = None
 
     def __post_init__(self):
         for key in self.keys:
@@ -67,6 +82,11 @@ class TallyMaps:
 
     def __init__(self, tally, layouts, record_size):
         self.tally, self.layouts = tally, layouts        # layouts: site id -> RecordLayout
+        for layout in layouts.values():
+            value = tally.value is not None and layout.plans[tally.value]
+            if value and (value.string or value.is_float):
+                raise SdtraceError(f"hist: argument {tally.value} is a string or a float, "
+                                   "not an integer")
         self.key_size = max((_key_end(tally, layout) for layout in layouts.values()),
                             default=OFFSETS["site"] + 4) - KEY_START
         self.record_size = record_size
@@ -78,6 +98,10 @@ class TallyMaps:
                                                           "sdtrace_counts"))
             self.scratch = self._owned.own(Map.percpu_array(record_size, 1, "sdtrace_scratch"))
             self.dropped = self._owned.own(Map.percpu_array(8, 1, "sdtrace_dropped"))
+            if tally.value is not None:
+                self.stats = self._owned.own(Map.percpu_hash(self.key_size, STATS.size,
+                                                             tally.max_keys, "sdtrace_stats"))
+                self.missing = self._owned.own(Map.percpu_array(8, 1, "sdtrace_missing"))
         except BaseException:
             self.close()
             raise
@@ -97,6 +121,8 @@ class TallyMaps:
     def direct_kind(self):
         """"none", "site", "argument" or None (every key hashed)."""
         keys = self.tally.keys
+        if self.tally.value is not None:
+            return None
         if keys == ():
             return "none"
         if keys == ("site",):
@@ -131,9 +157,143 @@ class TallyMaps:
             code.label(f"{name}_hashed")
         for offset in range(KEY_START, KEY_START + self.key_size, 8):
             code.store(8, R8, offset, 0)
+        value = self.tally.value
         block.fill(("site", *(key for key in self.tally.keys if key in FIELDS)),
-                   self.tally.arguments)
+                   self.tally.arguments + ([] if value is None else [value]))
+        if value is not None:
+            self._distribution(block, value)
         self._hash_add_one(code, name)
+
+    def _distribution(self, block, index):
+        """The value (argument `index`) into R9, out of the key; its statistics added to
+        `stats`; its buckets written into the key (BUCKET_FIELDS); a missing one counted."""
+        code, name, layout = block.code, block.name, block.layout
+        plan, slot, bit = layout.plans[index], layout.argument(index), 1 << index
+        code.load(4, R1, R8, OFFSETS["missing"])
+        code.jump("jset", R1, bit, f"{name}_no_value")
+        code.load(8, R9, R8, slot)
+        if plan.signed and plan.size < 8:                       # sign-extend it
+            code.alu64("lsh", R9, 64 - 8 * plan.size)
+            code.alu64("arsh", R9, 64 - 8 * plan.size)
+        if slot < KEY_START + self.key_size:                    # the value is no key
+            code.store(8, R8, slot, 0)
+        unsigned = not plan.signed and plan.size == 8           # past the s64 range
+        self._statistics(code, name, unsigned)
+        self._fine_bucket(code, name, unsigned)
+        if self.tally.linear is not None:
+            self._linear_bucket(code, name, unsigned)
+        code.goto(f"{name}_bucketed")
+        code.label(f"{name}_no_value")
+        self._add_one(code, self.missing.fd, _zero_key(code))
+        code.label(f"{name}_bucketed")
+
+    def _statistics(self, code, name, unsigned):
+        """stats[key] += (1, R9) and its minimum and maximum, or inserted as (1, R9, R9, R9).
+
+        The sum is 128 bits wide, so that it never wraps: the low word gets R9, the high
+        word R9's sign and the carry; being two words it is not added atomically (a
+        sleepable program preempted on its CPU between them by the same key's hit is
+        the rare loss), the count is."""
+        low, high = ("jle", "jge") if unsigned else ("jsle", "jsge")
+        for attempt in (0, 1):
+            label = f"{name}_stats_insert{attempt}"
+            _look_up_key(code, self.stats.fd, label)
+            code.mov(R1, 1)
+            code.atomic_add(8, R0, STATS_OFFSETS["count"], R1)
+            code.load(8, R1, R0, STATS_OFFSETS["sum"])
+            code.alu64("add", R1, R9)
+            code.store(8, R0, STATS_OFFSETS["sum"], R1)
+            code.load(8, R2, R0, STATS_OFFSETS["sum_high"])
+            if not unsigned:                                    # R9's sign: 0 or -1
+                code.mov(R3, R9)
+                code.alu64("arsh", R3, 63)
+                code.alu64("add", R2, R3)
+            code.jump("jge", R1, R9, f"{name}_no_carry{attempt}")
+            code.alu64("add", R2, 1)
+            code.label(f"{name}_no_carry{attempt}")
+            code.store(8, R0, STATS_OFFSETS["sum_high"], R2)
+            code.load(8, R1, R0, STATS_OFFSETS["minimum"])
+            code.jump(low, R1, R9, f"{name}_stats_low{attempt}")
+            code.store(8, R0, STATS_OFFSETS["minimum"], R9)
+            code.label(f"{name}_stats_low{attempt}")
+            code.load(8, R1, R0, STATS_OFFSETS["maximum"])
+            code.jump(high, R1, R9, f"{name}_stats_done")
+            code.store(8, R0, STATS_OFFSETS["maximum"], R9)
+            code.goto(f"{name}_stats_done")
+            code.label(label)
+            if attempt:
+                break
+            start = -STATS.size
+            code.store(8, R10, start, 1)
+            for field in ("sum", "minimum", "maximum"):
+                code.store(8, R10, start + STATS_OFFSETS[field], R9)
+            code.mov(R1, 0)                                     # a u64 has no sign
+            if not unsigned:
+                code.mov(R1, R9)
+                code.alu64("arsh", R1, 63)
+            code.store(8, R10, start + STATS_OFFSETS["sum_high"], R1)
+            _insert_key(code, self.stats.fd, start, f"{name}_stats_done", f"{name}_dropped")
+        code.label(f"{name}_stats_done")
+
+    @staticmethod
+    def _fine_bucket(code, name, unsigned):
+        """The log-linear bucket of R9 (distribution.fine_bucket) into the key: exact below
+        16, then 16 buckets per power of two; a negative value mirrors its magnitude."""
+        code.mov(R1, R9)
+        code.mov(R3, 0)                                          # 1 if negative
+        if not unsigned:
+            code.jump("jsge", R1, 0, f"{name}_fine_positive")
+            code.alu64("neg", R1, 0)
+            code.mov(R3, 1)
+            code.label(f"{name}_fine_positive")
+        code.jump("jlt", R1, SUB_BUCKETS, f"{name}_fine_exact")
+        code.mov(R2, 0)                                          # the exponent, found by halves
+        code.mov(R4, R1)
+        for bits in (32, 16, 8, 4, 2, 1):
+            code.mov(R5, R4)
+            code.alu64("rsh", R5, bits)
+            code.jump("jeq", R5, 0, f"{name}_fine_{bits}")
+            code.mov(R4, R5)
+            code.alu64("add", R2, bits)
+            code.label(f"{name}_fine_{bits}")
+        code.alu64("sub", R2, SUB_BUCKET_BITS)                   # the shift
+        code.alu64("rsh", R1, R2)
+        code.alu64("lsh", R2, SUB_BUCKET_BITS)
+        code.alu64("add", R1, R2)                                # SUB_BUCKETS * shift + v >> shift
+        code.label(f"{name}_fine_exact")
+        code.jump("jeq", R3, 0, f"{name}_fine_store")
+        code.alu64("neg", R1, 0)
+        code.alu64("sub", R1, 1)
+        code.label(f"{name}_fine_store")
+        code.store(4, R8, BUCKET_FIELDS["fine"], R1)
+
+    def _linear_bucket(self, code, name, unsigned):
+        """R9's linear bucket into the key: -1 below the minimum, then one per step, the
+        last for the maximum and above (distribution.Distribution's).  R9 - minimum is
+        exact as a u64 whenever R9 >= minimum; a u64 at or past the maximum is the last
+        bucket before that subtraction could wrap."""
+        minimum, maximum, step = self.tally.linear
+        slots = -(-(maximum - minimum) // step)
+        done = f"{name}_linear_store"
+        code.mov(R1, slots)
+        if unsigned and maximum <= 0:
+            code.goto(done)
+        elif unsigned:
+            code.load_imm64(R2, maximum)
+            code.jump("jge", R9, R2, done)
+        code.mov(R1, -1)
+        code.load_imm64(R2, minimum)
+        if not unsigned:
+            code.jump("jslt", R9, R2, done)
+        elif minimum > 0:
+            code.jump("jlt", R9, R2, done)
+        code.mov(R1, R9)
+        code.alu64("sub", R1, R2)
+        code.alu64("div", R1, step)
+        code.jump("jle", R1, slots, f"{name}_linear_store")
+        code.mov(R1, slots)
+        code.label(f"{name}_linear_store")
+        code.store(4, R8, BUCKET_FIELDS["linear"], R1)
 
     @staticmethod
     def _add_one(code, map_fd, key_slot):
@@ -148,11 +308,7 @@ class TallyMaps:
         """The count of the key at R8 + KEY_START, in the hash: +1, or inserted as 1."""
         for attempt in (0, 1):
             label = f"{name}_insert{attempt}"
-            code.load_map(R1, self.counts.fd)
-            code.mov(R2, R8)
-            code.alu64("add", R2, KEY_START)
-            code.call("map_lookup_elem")
-            code.jump("jeq", R0, 0, label)
+            _look_up_key(code, self.counts.fd, label)
             code.mov(R1, 1)
             code.atomic_add(8, R0, 0, R1)
             code.goto("out")
@@ -160,17 +316,7 @@ class TallyMaps:
             if attempt:
                 break
             code.store(8, R10, -16, 1)
-            code.load_map(R1, self.counts.fd)
-            code.mov(R2, R8)
-            code.alu64("add", R2, KEY_START)
-            code.mov(R3, R10)
-            code.alu64("add", R3, -16)
-            code.mov(R4, BPF_NOEXIST)
-            code.call("map_update_elem")
-            code.jump("jeq", R0, 0, "out")
-            code.jump("jeq", R0, -EEXIST, f"{name}_insert_raced")
-            code.goto(f"{name}_dropped")
-            code.label(f"{name}_insert_raced")
+            _insert_key(code, self.counts.fd, -16, "out", f"{name}_dropped")
         code.label(f"{name}_dropped")
         self._add_one(code, self.dropped.fd, _zero_key(code))
 
@@ -193,6 +339,11 @@ class TallyMaps:
             counted[self._decode(raw_key, sites)] += _total(values, self.counts.slot_size)
         return counted
 
+    def _layout(self, raw_key):
+        """The RecordLayout of the site whose hit made the key `raw_key`."""
+        start = OFFSETS["site"] - KEY_START
+        return self.layouts[int.from_bytes(raw_key[start:start + 4], "little")]
+
     def _decode(self, raw_key, sites):
         record = bytes(KEY_START) + raw_key
         site_id = int.from_bytes(record[OFFSETS["site"]:OFFSETS["site"] + 4], "little")
@@ -211,6 +362,36 @@ class TallyMaps:
                 values.append(_argument(record, layout, key, missing))
         return values[0] if len(values) == 1 else tuple(values)
 
+    def histograms(self, sites):
+        """With a value: {raw key: Histogram} from both maps (`sites`: site id ->
+        events.ArmedSite)."""
+        histograms = {}
+        for raw_key, values in self.stats.items():
+            histogram = histograms.setdefault(self._decode(raw_key, sites), Histogram())
+            plan = self._layout(raw_key).plans[self.tally.value]
+            signed = plan.signed or plan.size < 8
+            for start in range(0, len(values), self.stats.slot_size):
+                count, low, high, minimum, maximum = STATS.unpack_from(values, start)
+                if signed:
+                    minimum, maximum = (extreme - (1 << 64) if extreme >> 63 else extreme
+                                        for extreme in (minimum, maximum))
+                high -= (1 << 64) if high >> 63 else 0
+                histogram.add_statistics(count, (high << 64) + low, minimum, maximum)
+        for raw_key, values in self.counts.items():
+            record = bytes(KEY_START) + raw_key
+            fine, linear = (struct.unpack_from("<i", record, BUCKET_FIELDS[field])[0]
+                            for field in ("fine", "linear"))
+            histogram = histograms.setdefault(self._decode(raw_key, sites), Histogram())
+            times = _total(values, self.counts.slot_size)
+            histogram.fine[fine] += times
+            if self.tally.linear is not None:
+                histogram.linear[linear] += times
+        return histograms
+
+    def missing_count(self):
+        """Hits whose value could not be read."""
+        return self.missing.total_per_cpu(bytes(4))
+
     def dropped_count(self):
         """Hits whose key the full hash had no room for."""
         return self.dropped.total_per_cpu(bytes(4))
@@ -219,8 +400,49 @@ class TallyMaps:
         self._owned.close()
 
 
+class Histogram:
+    """One key's distribution as the maps hold it: bucket counts and statistics."""
+
+    def __init__(self):
+        self.fine, self.linear = Counter(), Counter()
+        self.count, self.total, self.minimum, self.maximum = 0, 0, None, None
+
+    def add_statistics(self, count, total, minimum, maximum):
+        """One CPU's statistics (none if it never saw the key)."""
+        if not count:
+            return
+        self.count += count
+        self.total += total
+        self.minimum = minimum if self.minimum is None else min(self.minimum, minimum)
+        self.maximum = maximum if self.maximum is None else max(self.maximum, maximum)
+
+
 def _integer(plan):
     return plan.kind is not None and not plan.string and not plan.is_float
+
+
+def _look_up_key(code, map_fd, absent):
+    """R0 = the value of the key at R8 + KEY_START in `map_fd`; to `absent` if none."""
+    code.load_map(R1, map_fd)
+    code.mov(R2, R8)
+    code.alu64("add", R2, KEY_START)
+    code.call("map_lookup_elem")
+    code.jump("jeq", R0, 0, absent)
+
+
+def _insert_key(code, map_fd, value_slot, done, failed):
+    """Inserts the key at R8 + KEY_START with the value at R10 + `value_slot`, then goes
+    to `done`; falls through where another CPU inserted it first (to look it up again),
+    and goes to `failed` where the map refuses it (full)."""
+    code.load_map(R1, map_fd)
+    code.mov(R2, R8)
+    code.alu64("add", R2, KEY_START)
+    code.mov(R3, R10)
+    code.alu64("add", R3, value_slot)
+    code.mov(R4, BPF_NOEXIST)
+    code.call("map_update_elem")
+    code.jump("jeq", R0, 0, done)
+    code.jump("jne", R0, -EEXIST, failed)
 
 
 def _zero_key(code):
@@ -229,8 +451,9 @@ def _zero_key(code):
 
 
 def _key_end(tally, layout):
-    """Where the last keyed field of `layout`'s records ends (the site id at least)."""
-    end = OFFSETS["missing"] + 4
+    """Where the last keyed field of `layout`'s records ends (the site id, the missing
+    word and a histogram's buckets at least)."""
+    end = OFFSETS["truncated"] + 4
     for index in tally.arguments:
         end = max(end, layout.argument(index) + 8)
         if index in layout.strings:

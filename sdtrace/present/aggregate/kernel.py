@@ -1,10 +1,12 @@
-"""The in-kernel executor: Count plans compiled into the probe programs, their maps read back.
+"""The in-kernel executor: Count and Histogram plans compiled into the probe programs.
 
 ``tally_for(plan)`` is what a Session needs before it arms: a function of
 the selected sites that gives the engine's bpf.tally.Tally of the plan (its
 keys resolved against the sites as the user-space executor resolves them),
-or None for a plan the kernel does not compute (histograms and latencies go
-through records).  Once armed, ``KernelExecutor(session).aggregator(plan)``
+or None for a plan the kernel does not compute (latencies go through
+records).  A histogram comes back as the same Distribution the user-space
+executor builds: the programs count the same log-linear (and linear)
+buckets and keep the exact count, sum, minimum and maximum.  Once armed, ``KernelExecutor(session).aggregator(plan)``
 reads the session's maps whenever a result is asked for, so ``--interval``
 and the end both read the kernel's counts; the records' path is never taken.
 A session that did not count in the kernel (the tracefs executor) gets the
@@ -12,8 +14,10 @@ user-space executor's aggregator instead: the commands do not change.
 """
 from collections import namedtuple
 
-from .plans import Count, CountResult, ordered
-from .userspace import Aggregator, UserSpaceExecutor, _argument_index, _KeyReader
+from .distribution import Distribution
+from .plans import Count, CountResult, Histogram, HistogramResult, ordered
+from .userspace import (Aggregator, UserSpaceExecutor, _argument_index, _distribution_rows,
+                        _KeyReader)
 
 DEFAULT_MAX_KEYS = 1 << 16
 _FIELDS = {"probe": "site", "pid": "pid", "tid": "tid", "comm": "comm"}
@@ -22,8 +26,10 @@ _Signature = namedtuple("_Signature", "probe provider name plans")
 
 
 def tally_for(plan, max_keys=DEFAULT_MAX_KEYS):
-    """sites (notes.Site) -> the Tally of `plan`, or None if the kernel does not count it."""
-    if not isinstance(plan, Count):
+    """sites (notes.Site) -> the Tally of `plan`, or None where the kernel does not count
+    it: latencies, and histograms of a value that is not an integer argument of every
+    site (the user-space executor then says what is wrong, or truncates floats)."""
+    if not isinstance(plan, (Count, Histogram)):
         return None
 
     def tally(sites):
@@ -31,10 +37,27 @@ def tally_for(plan, max_keys=DEFAULT_MAX_KEYS):
 
         signatures = [_Signature(site.qualified_name, site.provider, site.name, site.operands)
                       for site in sites]
-        return Tally(tuple(_FIELDS[key.field] if key.field is not None
-                           else _argument_index(key, signatures, "key") for key in plan.keys),
-                     max_keys)
+        keys = tuple(_FIELDS[key.field] if key.field is not None
+                     else _argument_index(key, signatures, "key") for key in plan.keys)
+        if isinstance(plan, Count):
+            return Tally(keys, max_keys)
+        if plan.value.field is not None:
+            return None
+        value = _argument_index(plan.value, signatures, "value")
+        if any(site.operands[value].is_float or value in _documented_strings(site) for site in sites):
+            return None
+        linear = plan.linear and (plan.linear.minimum, plan.linear.maximum, plan.linear.step)
+        return Tally(keys, max_keys, value, linear)
     return tally
+
+
+def _documented_strings(site):
+    """The arguments of `site` read as strings without a type in the spec (documented)."""
+    from ...discovery import providers
+
+    arguments = providers.lookup(site.provider, site.name, len(site.operands))
+    return set() if arguments is None else {
+        index for index, kind in enumerate(arguments.types) if kind == providers.STRING}
 
 
 class KernelCountAggregator(Aggregator):
@@ -55,6 +78,28 @@ class KernelCountAggregator(Aggregator):
         return CountResult(self.plan.keys, ordered(merged.items()))
 
 
+class KernelHistogramAggregator(Aggregator):
+    """The distributions of a session that counts them in the kernel."""
+
+    def __init__(self, plan, session):
+        self.plan, self.session = plan, session
+        self.reader = _KeyReader(plan.keys, session.sites) if plan.keys else None
+
+    def add(self, records):
+        """Nothing comes through records: the kernel counted."""
+
+    def result(self):
+        distributions = {}
+        for raw, histogram in self.session.tally_counts().items():
+            distribution = distributions[raw] = Distribution(self.plan.linear)
+            distribution.fine.update(histogram.fine)
+            distribution.linear_counts.update(histogram.linear)
+            distribution.count, distribution.total = histogram.count, histogram.total
+            distribution.minimum, distribution.maximum = histogram.minimum, histogram.maximum
+        return HistogramResult(self.plan.keys, _distribution_rows(distributions, self.reader),
+                               self.session.tally_missing())
+
+
 class KernelExecutor:
     """Aggregators of a started session: the kernel's where it counts, else user space's."""
 
@@ -62,6 +107,8 @@ class KernelExecutor:
         self.session = session
 
     def aggregator(self, plan, on_pair=None):
-        if isinstance(plan, Count) and self.session.counting_in_kernel:
-            return KernelCountAggregator(plan, self.session)
+        if self.session.counting_in_kernel:
+            if isinstance(plan, Count):
+                return KernelCountAggregator(plan, self.session)
+            return KernelHistogramAggregator(plan, self.session)
         return UserSpaceExecutor(self.session).aggregator(plan, on_pair)
