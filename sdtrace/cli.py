@@ -343,8 +343,9 @@ def _aggregate(args, specs, plan, interval=None, on_interval=None, on_pair=None)
     from .present import aggregate, output
 
     stop = _StopFlag()
-    session = _session(specs, args, aggregate.tally_for(plan, getattr(args, "max_keys", None)
-                                                        or aggregate.DEFAULT_MAX_KEYS))
+    tally = None if on_pair else aggregate.tally_for(         # a timeline needs the records
+        plan, getattr(args, "max_keys", None) or aggregate.DEFAULT_MAX_KEYS)
+    session = _session(specs, args, tally)
     with session:
         aggregator = aggregate.KernelExecutor(session).aggregator(plan, on_pair)
         sys.stderr.write(f"sdtrace: tracing {len(session.sites)} site(s); Ctrl-C to end\n")

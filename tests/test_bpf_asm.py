@@ -392,7 +392,8 @@ def test_floats_decode_from_their_bits(fixtures):
 def test_a_count_plan_becomes_a_tally_of_the_sites(fixtures):
     """Keys resolve against the selected sites as the user-space executor resolves them
     (a documented name becomes its index); a histogram's value too, unless it is no
-    argument (the user-space executor then says so); latencies stay with records."""
+    argument (the user-space executor then says so); a latency's START and END sites by
+    their roles, unless it has match keys or keys of the START's own."""
     from sdtrace.present import aggregate
 
     [hit] = notes.read_probes(fixtures.path("flood"))
@@ -403,7 +404,18 @@ def test_a_count_plan_becomes_a_tally_of_the_sites(fixtures):
         aggregate.parse_key("arg0"), (), aggregate.Linear(0, 100, 10)))([hit])
     assert (histogram.keys, histogram.value, histogram.linear) == ((), 0, (0, 100, 10))
     assert aggregate.tally_for(aggregate.Histogram(aggregate.parse_key("pid")))([hit]) is None
-    assert aggregate.tally_for(aggregate.Latency(None, None)) is None
+    from sdtrace.discovery.specs import parse_spec
+
+    spans = aggregate.tally_for(aggregate.Latency(
+        parse_spec("flood:hit"), parse_spec("flood:nothing")))
+    with pytest.raises(SdtraceError, match="no armed site matches 'flood:nothing'"):
+        spans([hit])
+    matched = aggregate.Latency(parse_spec("a:b"), parse_spec("a:c"),
+                                aggregate.parse_keys("arg0"))
+    assert aggregate.tally_for(matched) is None          # match keys need the records
+    by_argument = aggregate.Latency(parse_spec("a:b"), parse_spec("a:c"), (),
+                                    aggregate.parse_keys("arg0"))
+    assert aggregate.tally_for(by_argument) is None      # so do the START's own keys
     with pytest.raises(SdtraceError, match="flood:hit has only 2 arguments"):
         aggregate.tally_for(aggregate.Count(aggregate.parse_keys("arg5")))([hit])
     if os.path.exists(PYTHON):

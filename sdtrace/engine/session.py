@@ -200,6 +200,10 @@ class Session:
         (engine/bpf/tally.py)."""
         return self._executor.counts()
 
+    def tally_spans(self):
+        """With counting_in_kernel latencies: the span counters (engine/bpf/tally.py)."""
+        return self._executor.spans()
+
     def tally_missing(self):
         """With counting_in_kernel a histogram: the hits whose value could not be read."""
         return self._executor.missing()

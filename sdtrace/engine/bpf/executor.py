@@ -89,6 +89,7 @@ class BpfExecutor:
         self.tally = None                   # tally.TallyMaps, when hits are counted in maps
         self._final_counts = None           # its counts, read by finish()
         self._final_missing = 0
+        self._final_spans = None
         try:
             if pid:
                 self._starttime = _starttime(pid)
@@ -214,9 +215,15 @@ class BpfExecutor:
         if self._final_counts is not None:
             return self._final_counts
         sites = dict(enumerate(self.sites))
-        if self.tally.tally.value is None:
+        if self.tally.tally.value is None and self.tally.tally.spans is None:
             return self.tally.counts_by_key(sites)
         return self.tally.histograms(sites)
+
+    def spans(self):
+        """With a tally of spans: its counters (tally.TallyMaps.span_counts)."""
+        if self._final_spans is not None:
+            return self._final_spans
+        return self.tally.span_counts()
 
     def missing(self):
         """With a tally's value: the hits whose value could not be read."""
@@ -250,7 +257,12 @@ class BpfExecutor:
         self._lost = self._lost_counter.total_per_cpu(bytes(4))
         if self.tally is not None:
             self._final_counts = self.counts()
-            if self.tally.tally.value is None:
+            if self.tally.tally.spans is not None:      # the hits the result accounts for
+                self._final_spans = spans = self.spans()
+                self.received = (2 * sum(histogram.count
+                                         for histogram in self._final_counts.values())
+                                 + spans["unmatched"] + spans["open"])
+            elif self.tally.tally.value is None:
                 self.received = sum(self._final_counts.values())
             else:
                 self._final_missing = self.missing()

@@ -49,6 +49,13 @@ COUNT = struct.Struct("<Q")
 # type has them (a u64 is compared and summed unsigned)
 STATS = struct.Struct("<QQQQQ")
 STATS_OFFSETS = {"count": 0, "sum": 8, "sum_high": 16, "minimum": 24, "maximum": 32}
+# a thread's open spans: their depth, then the START times of the innermost STACK_DEPTH
+STACK_DEPTH = 32
+STACK = struct.Struct(f"<I4x{STACK_DEPTH}Q")
+STACK_TIMES = 8
+# per-CPU counters of spans: ENDs with no open START, STARTs nested too deep to time,
+# STARTs that found no room for their thread's stack
+SPAN_COUNTERS = ("unmatched", "too_deep", "no_stack")
 # where a histogram's buckets go in the key: header fields a tally never keys on
 BUCKET_FIELDS = {"fine": OFFSETS["truncated"], "linear": OFFSETS["cpu"]}
 SUB_BUCKET_BITS = 4                    # distribution.SUB_BUCKET_BITS, as the program computes it
@@ -61,11 +68,16 @@ class Tally:
     `max_keys` keys (and slots of a direct integer key).  With `value` (an argument
     index) the count is of that integer's distribution per key: its log-linear
     bucket (present/aggregate/distribution.fine_bucket) and, with `linear` (minimum,
-    maximum, step), its linear one, and its count, sum, minimum and maximum."""
+    maximum, step), its linear one, and its count, sum, minimum and maximum.  With
+    `spans` (the site ids that start a span, those that end one) the distribution is of
+    the durations: a START pushes its time on its thread's stack (STACK_DEPTH deep), an
+    END pops the innermost and counts the difference under the key (keys: FIELDS of the
+    thread, the same at both ends); other sites only arm (their semaphores)."""
     keys: Tuple[Union[str, int], ...]
     max_keys: int = DEFAULT_MAX_KEYS
     value: Optional[int] = None
     linear: Optional[Tuple[int, int, int]] = None
+    spans: Optional[Tuple[frozenset, frozenset]] = None   # latency: START, END site ids
 
     def __post_init__(self):
         for key in self.keys:
@@ -98,10 +110,16 @@ class TallyMaps:
                                                           "sdtrace_counts"))
             self.scratch = self._owned.own(Map.percpu_array(record_size, 1, "sdtrace_scratch"))
             self.dropped = self._owned.own(Map.percpu_array(8, 1, "sdtrace_dropped"))
-            if tally.value is not None:
+            if tally.value is not None or tally.spans is not None:
                 self.stats = self._owned.own(Map.percpu_hash(self.key_size, STATS.size,
                                                              tally.max_keys, "sdtrace_stats"))
                 self.missing = self._owned.own(Map.percpu_array(8, 1, "sdtrace_missing"))
+            if tally.spans is not None:
+                self.stacks = self._owned.own(Map.hash(4, STACK.size, tally.max_keys,
+                                                       "sdtrace_stacks"))
+                self.empty = self._owned.own(Map.percpu_array(STACK.size, 1, "sdtrace_empty"))
+                self.spans = self._owned.own(Map.percpu_array(8, len(SPAN_COUNTERS),
+                                                              "sdtrace_spans"))
         except BaseException:
             self.close()
             raise
@@ -121,7 +139,7 @@ class TallyMaps:
     def direct_kind(self):
         """"none", "site", "argument" or None (every key hashed)."""
         keys = self.tally.keys
-        if self.tally.value is not None:
+        if self.tally.value is not None or self.tally.spans is not None:
             return None
         if keys == ():
             return "none"
@@ -138,6 +156,9 @@ class TallyMaps:
         """The code of `block` (a codegen.Block): count the hit under its key."""
         code, name, kind = block.code, block.name, self.direct_kind
         code.label(block.name)
+        if self.tally.spans is not None:
+            self._span(block)
+            return
         if kind in ("none", "site"):
             code.store(4, R10, -4, R7 if kind == "site" else 0)
             self._add_one(code, self.direct.fd, -4)
@@ -163,6 +184,88 @@ class TallyMaps:
         if value is not None:
             self._distribution(block, value)
         self._hash_add_one(code, name)
+
+    def _span(self, block):
+        """A START site pushes the time, an END site pops it and counts the duration (as a
+        histogram's value); the block's sites are told apart by their cookie (R7)."""
+        code, name = block.code, block.name
+        starts, ends = self.tally.spans
+        for site_id in sorted(starts):
+            code.jump("jeq", R7, site_id, f"{name}_start")
+        for site_id in sorted(ends):
+            code.jump("jeq", R7, site_id, f"{name}_end")
+        code.goto("out")                                        # a site that only arms
+        code.label(f"{name}_start")
+        self._thread_stack(code, name, create=True)
+        code.load(4, R1, R8, 0)                                 # the depth
+        code.mov(R2, R1)
+        code.alu64("add", R2, 1)
+        code.store(4, R8, 0, R2)
+        code.jump("jge", R1, STACK_DEPTH, f"{name}_too_deep")  # pushed, but not timed
+        code.alu64("lsh", R1, 3)
+        code.alu64("add", R1, R8)
+        code.mov(R9, R1)
+        code.call("ktime_get_ns")
+        code.store(8, R9, STACK_TIMES, R0)
+        code.goto("out")
+        code.label(f"{name}_too_deep")
+        self._count_span(code, "too_deep")
+        code.label(f"{name}_no_stack")
+        self._count_span(code, "no_stack")
+        code.label(f"{name}_end")
+        code.call("ktime_get_ns")
+        code.mov(R9, R0)
+        self._thread_stack(code, name, create=False)
+        code.load(4, R1, R8, 0)
+        code.jump("jeq", R1, 0, f"{name}_unmatched")
+        code.alu64("sub", R1, 1)
+        code.store(4, R8, 0, R1)
+        code.jump("jge", R1, STACK_DEPTH, "out")                # its START was not timed
+        code.alu64("lsh", R1, 3)
+        code.alu64("add", R1, R8)
+        code.load(8, R1, R1, STACK_TIMES)
+        code.alu64("sub", R9, R1)                               # the duration
+        map_call(code, "map_lookup_elem", self.scratch.fd, _zero_key(code))
+        code.jump("jeq", R0, 0, "out")
+        code.mov(R8, R0)
+        for offset in range(KEY_START, KEY_START + self.key_size, 8):
+            code.store(8, R8, offset, 0)
+        block.fill(("site", *self.tally.keys), ())
+        self._statistics(code, name, unsigned=False)
+        self._fine_bucket(code, name, unsigned=False)
+        if self.tally.linear is not None:
+            self._linear_bucket(code, name, unsigned=False)
+        self._hash_add_one(code, name)
+        code.label(f"{name}_unmatched")
+        self._count_span(code, "unmatched")
+
+    def _thread_stack(self, code, name, create):
+        """R8 = this thread's stack of START times; to "out" (an END: unmatched) if it has
+        none, which a START creates, empty."""
+        code.call("get_current_pid_tgid")
+        code.store(4, R10, -8, R0)
+        map_call(code, "map_lookup_elem", self.stacks.fd, -8)
+        if not create:
+            code.jump("jeq", R0, 0, f"{name}_unmatched")
+        else:
+            code.jump("jne", R0, 0, f"{name}_start_stack")
+            map_call(code, "map_lookup_elem", self.empty.fd, _zero_key(code))
+            code.jump("jeq", R0, 0, "out")
+            code.mov(R3, R0)
+            code.load_map(R1, self.stacks.fd)
+            code.mov(R2, R10)
+            code.alu64("add", R2, -8)
+            code.mov(R4, BPF_NOEXIST)
+            code.call("map_update_elem")
+            map_call(code, "map_lookup_elem", self.stacks.fd, -8)
+            code.jump("jeq", R0, 0, f"{name}_no_stack")
+            code.label(f"{name}_start_stack")
+        code.mov(R8, R0)
+
+    def _count_span(self, code, counter):
+        """Adds 1 to one of SPAN_COUNTERS, then returns."""
+        code.store(4, R10, -4, SPAN_COUNTERS.index(counter))
+        self._add_one(code, self.spans.fd, -4)
 
     def _distribution(self, block, index):
         """The value (argument `index`) into R9, out of the key; its statistics added to
@@ -368,8 +471,10 @@ class TallyMaps:
         histograms = {}
         for raw_key, values in self.stats.items():
             histogram = histograms.setdefault(self._decode(raw_key, sites), Histogram())
-            plan = self._layout(raw_key).plans[self.tally.value]
-            signed = plan.signed or plan.size < 8
+            signed = True                               # a duration is an s64
+            if self.tally.value is not None:
+                plan = self._layout(raw_key).plans[self.tally.value]
+                signed = plan.signed or plan.size < 8
             for start in range(0, len(values), self.stats.slot_size):
                 count, low, high, minimum, maximum = STATS.unpack_from(values, start)
                 if signed:
@@ -387,6 +492,14 @@ class TallyMaps:
             if self.tally.linear is not None:
                 histogram.linear[linear] += times
         return histograms
+
+    def span_counts(self):
+        """Latency: {SPAN_COUNTERS name: hits}, and "open": STARTs still on a stack."""
+        counts = {name: self.spans.total_per_cpu(struct.pack("<I", index))
+                  for index, name in enumerate(SPAN_COUNTERS)}
+        counts["open"] = sum(min(STACK.unpack_from(value)[0], STACK_DEPTH)
+                             for _key, value in self.stacks.items())
+        return counts
 
     def missing_count(self):
         """Hits whose value could not be read."""

@@ -1,9 +1,10 @@
-"""The in-kernel executor: Count and Histogram plans compiled into the probe programs.
+"""The in-kernel executor: Count, Histogram and Latency plans compiled into the probe programs.
 
 ``tally_for(plan)`` is what a Session needs before it arms: a function of
 the selected sites that gives the engine's bpf.tally.Tally of the plan (its
 keys resolved against the sites as the user-space executor resolves them),
-or None for a plan the kernel does not compute (latencies go through
+or None for a plan the kernel does not compute (latencies with match keys
+or keys of the START's own, and every plan with a timeline, go through
 records).  A histogram comes back as the same Distribution the user-space
 executor builds: the programs count the same log-linear (and linear)
 buckets and keep the exact count, sum, minimum and maximum.  Once armed, ``KernelExecutor(session).aggregator(plan)``
@@ -15,22 +16,29 @@ user-space executor's aggregator instead: the commands do not change.
 from collections import namedtuple
 
 from .distribution import Distribution
-from .plans import Count, CountResult, Histogram, HistogramResult, ordered
+from .pairing import site_roles
+from .plans import Count, CountResult, Histogram, HistogramResult, Latency, LatencyResult, ordered
 from .userspace import (Aggregator, UserSpaceExecutor, _argument_index, _distribution_rows,
                         _KeyReader)
 
 DEFAULT_MAX_KEYS = 1 << 16
 _FIELDS = {"probe": "site", "pid": "pid", "tid": "tid", "comm": "comm"}
+THREAD_KEYS = ("pid", "tid", "comm")      # a latency's keys the END knows as the START did
 # what _argument_index reads of a site, for the notes.Site of a session not yet armed
 _Signature = namedtuple("_Signature", "probe provider name plans")
+# what site_roles reads of one
+_Role = namedtuple("_Role", "probe provider name")
 
 
 def tally_for(plan, max_keys=DEFAULT_MAX_KEYS):
     """sites (notes.Site) -> the Tally of `plan`, or None where the kernel does not count
     it: latencies, and histograms of a value that is not an integer argument of every
     site (the user-space executor then says what is wrong, or truncates floats)."""
-    if not isinstance(plan, (Count, Histogram)):
+    if not isinstance(plan, (Count, Histogram, Latency)):
         return None
+    if isinstance(plan, Latency) and (plan.match or any(key.field not in THREAD_KEYS
+                                                       for key in plan.keys)):
+        return None       # match keys and the START's own keys need the records
 
     def tally(sites):
         from ...engine.bpf.tally import Tally
@@ -41,12 +49,21 @@ def tally_for(plan, max_keys=DEFAULT_MAX_KEYS):
                      else _argument_index(key, signatures, "key") for key in plan.keys)
         if isinstance(plan, Count):
             return Tally(keys, max_keys)
+        linear = plan.linear and (plan.linear.minimum, plan.linear.maximum, plan.linear.step)
+        if isinstance(plan, Latency):
+            named = [_Role(site.qualified_name, site.provider, site.name) for site in sites]
+            roles = site_roles(plan.start, plan.end, named)
+            starts = frozenset(site_id for site_id, site in enumerate(named)
+                               if roles.get(site, (0, None))[1] is True)
+            ends = frozenset(site_id for site_id, site in enumerate(named)
+                             if roles.get(site, (0, None))[1] is False)
+            return Tally(keys, max_keys, linear=linear, spans=(starts, ends))
         if plan.value.field is not None:
             return None
         value = _argument_index(plan.value, signatures, "value")
-        if any(site.operands[value].is_float or value in _documented_strings(site) for site in sites):
+        if any(site.operands[value].is_float or value in _documented_strings(site)
+               for site in sites):
             return None
-        linear = plan.linear and (plan.linear.minimum, plan.linear.maximum, plan.linear.step)
         return Tally(keys, max_keys, value, linear)
     return tally
 
@@ -100,6 +117,18 @@ class KernelHistogramAggregator(Aggregator):
                                self.session.tally_missing())
 
 
+class KernelLatencyAggregator(KernelHistogramAggregator):
+    """The durations of a session that pairs START and END in the kernel."""
+
+    def result(self):
+        histograms = super().result()
+        spans = self.session.tally_spans()
+        return LatencyResult(self.plan.keys, histograms.rows,
+                             sum(distribution.count for _values, distribution in histograms.rows),
+                             spans["unmatched"], spans["open"],
+                             spans["too_deep"] + spans["no_stack"])
+
+
 class KernelExecutor:
     """Aggregators of a started session: the kernel's where it counts, else user space's."""
 
@@ -110,5 +139,7 @@ class KernelExecutor:
         if self.session.counting_in_kernel:
             if isinstance(plan, Count):
                 return KernelCountAggregator(plan, self.session)
+            if isinstance(plan, Latency):
+                return KernelLatencyAggregator(plan, self.session)
             return KernelHistogramAggregator(plan, self.session)
         return UserSpaceExecutor(self.session).aggregator(plan, on_pair)
