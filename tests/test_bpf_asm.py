@@ -393,7 +393,7 @@ def test_a_count_plan_becomes_a_tally_of_the_sites(fixtures):
     """Keys resolve against the selected sites as the user-space executor resolves them
     (a documented name becomes its index); a histogram's value too, unless it is no
     argument (the user-space executor then says so); a latency's START and END sites by
-    their roles, unless it has match keys or keys of the START's own."""
+    their roles, unless it is keyed by what only the START knows."""
     from sdtrace.present import aggregate
 
     [hit] = notes.read_probes(fixtures.path("flood"))
@@ -410,12 +410,13 @@ def test_a_count_plan_becomes_a_tally_of_the_sites(fixtures):
         parse_spec("flood:hit"), parse_spec("flood:nothing")))
     with pytest.raises(SdtraceError, match="no armed site matches 'flood:nothing'"):
         spans([hit])
-    matched = aggregate.Latency(parse_spec("a:b"), parse_spec("a:c"),
-                                aggregate.parse_keys("arg0"))
-    assert aggregate.tally_for(matched) is None          # match keys need the records
+    matched = aggregate.Latency(parse_spec("flood:hit"), parse_spec("flood:hit*"),
+                                aggregate.parse_keys("arg0"), aggregate.parse_keys("arg0,tid"))
+    with pytest.raises(SdtraceError, match="matches both"):
+        aggregate.tally_for(matched)([hit])
     by_argument = aggregate.Latency(parse_spec("a:b"), parse_spec("a:c"), (),
                                     aggregate.parse_keys("arg0"))
-    assert aggregate.tally_for(by_argument) is None      # so do the START's own keys
+    assert aggregate.tally_for(by_argument) is None      # a START's own key needs records
     with pytest.raises(SdtraceError, match="flood:hit has only 2 arguments"):
         aggregate.tally_for(aggregate.Count(aggregate.parse_keys("arg5")))([hit])
     if os.path.exists(PYTHON):

@@ -53,6 +53,7 @@ STATS_OFFSETS = {"count": 0, "sum": 8, "sum_high": 16, "minimum": 24, "maximum":
 STACK_DEPTH = 32
 STACK = struct.Struct(f"<I4x{STACK_DEPTH}Q")
 STACK_TIMES = 8
+DURATION_SLOT = -48            # the duration, on the program's stack while the key is built
 # per-CPU counters of spans: ENDs with no open START, STARTs nested too deep to time,
 # STARTs that found no room for their thread's stack
 SPAN_COUNTERS = ("unmatched", "too_deep", "no_stack")
@@ -70,23 +71,26 @@ class Tally:
     bucket (present/aggregate/distribution.fine_bucket) and, with `linear` (minimum,
     maximum, step), its linear one, and its count, sum, minimum and maximum.  With
     `spans` (the site ids that start a span, those that end one) the distribution is of
-    the durations: a START pushes its time on its thread's stack (STACK_DEPTH deep), an
-    END pops the innermost and counts the difference under the key (keys: FIELDS of the
-    thread, the same at both ends); other sites only arm (their semaphores)."""
+    the durations: a START pushes its time on a stack (STACK_DEPTH deep) of its thread
+    and its `match` values, an END pops the innermost of its own and counts the
+    difference under the key (keys: FIELDS of the thread, or `match` values, which the
+    END knows as its START did); other sites only arm (their semaphores)."""
     keys: Tuple[Union[str, int], ...]
     max_keys: int = DEFAULT_MAX_KEYS
     value: Optional[int] = None
     linear: Optional[Tuple[int, int, int]] = None
     spans: Optional[Tuple[frozenset, frozenset]] = None   # latency: START, END site ids
+    match: Tuple[Union[str, int], ...] = ()   # latency: what a START and its END share
 
     def __post_init__(self):
-        for key in self.keys:
+        for key in (*self.keys, *self.match):
             if key not in FIELDS and not (type(key) is int and key >= 0):
                 raise ValueError(f"not a key of a hit: {key!r}")
 
     @property
     def arguments(self):
-        return [key for key in self.keys if type(key) is int]
+        """The arguments the keys and match values name."""
+        return sorted({key for key in (*self.keys, *self.match) if type(key) is int})
 
 
 class TallyMaps:
@@ -115,8 +119,8 @@ class TallyMaps:
                                                              tally.max_keys, "sdtrace_stats"))
                 self.missing = self._owned.own(Map.percpu_array(8, 1, "sdtrace_missing"))
             if tally.spans is not None:
-                self.stacks = self._owned.own(Map.hash(4, STACK.size, tally.max_keys,
-                                                       "sdtrace_stacks"))
+                self.stacks = self._owned.own(Map.hash(self.key_size, STACK.size,
+                                                       tally.max_keys, "sdtrace_stacks"))
                 self.empty = self._owned.own(Map.percpu_array(STACK.size, 1, "sdtrace_empty"))
                 self.spans = self._owned.own(Map.percpu_array(8, len(SPAN_COUNTERS),
                                                               "sdtrace_spans"))
@@ -196,7 +200,7 @@ class TallyMaps:
             code.jump("jeq", R7, site_id, f"{name}_end")
         code.goto("out")                                        # a site that only arms
         code.label(f"{name}_start")
-        self._thread_stack(code, name, create=True)
+        self._stack(block, create=True)
         code.load(4, R1, R8, 0)                                 # the depth
         code.mov(R2, R1)
         code.alu64("add", R2, 1)
@@ -213,9 +217,7 @@ class TallyMaps:
         code.label(f"{name}_no_stack")
         self._count_span(code, "no_stack")
         code.label(f"{name}_end")
-        code.call("ktime_get_ns")
-        code.mov(R9, R0)
-        self._thread_stack(code, name, create=False)
+        self._stack(block, create=False)
         code.load(4, R1, R8, 0)
         code.jump("jeq", R1, 0, f"{name}_unmatched")
         code.alu64("sub", R1, 1)
@@ -223,14 +225,13 @@ class TallyMaps:
         code.jump("jge", R1, STACK_DEPTH, "out")                # its START was not timed
         code.alu64("lsh", R1, 3)
         code.alu64("add", R1, R8)
-        code.load(8, R1, R1, STACK_TIMES)
-        code.alu64("sub", R9, R1)                               # the duration
-        map_call(code, "map_lookup_elem", self.scratch.fd, _zero_key(code))
-        code.jump("jeq", R0, 0, "out")
-        code.mov(R8, R0)
-        for offset in range(KEY_START, KEY_START + self.key_size, 8):
-            code.store(8, R8, offset, 0)
-        block.fill(("site", *self.tally.keys), ())
+        code.mov(R9, R1)
+        code.call("ktime_get_ns")
+        code.load(8, R1, R9, STACK_TIMES)
+        code.alu64("sub", R0, R1)                               # the duration
+        code.store(8, R10, DURATION_SLOT, R0)                   # fill() takes R9 for itself
+        self._key(block, ("site", *self.tally.keys))
+        code.load(8, R9, R10, DURATION_SLOT)
         self._statistics(code, name, unsigned=False)
         self._fine_bucket(code, name, unsigned=False)
         if self.tally.linear is not None:
@@ -239,27 +240,42 @@ class TallyMaps:
         code.label(f"{name}_unmatched")
         self._count_span(code, "unmatched")
 
-    def _thread_stack(self, code, name, create):
-        """R8 = this thread's stack of START times; to "out" (an END: unmatched) if it has
-        none, which a START creates, empty."""
-        code.call("get_current_pid_tgid")
-        code.store(4, R10, -8, R0)
-        map_call(code, "map_lookup_elem", self.stacks.fd, -8)
-        if not create:
-            code.jump("jeq", R0, 0, f"{name}_unmatched")
-        else:
-            code.jump("jne", R0, 0, f"{name}_start_stack")
+    def _key(self, block, fields):
+        """R8 = the scratch record, holding the key of `fields` (FIELDS and arguments) from
+        KEY_START on, the rest of the key zero."""
+        code = block.code
+        map_call(code, "map_lookup_elem", self.scratch.fd, _zero_key(code))
+        code.jump("jeq", R0, 0, "out")
+        code.mov(R8, R0)
+        for offset in range(KEY_START, KEY_START + self.key_size, 8):
+            code.store(8, R8, offset, 0)
+        block.fill([field for field in fields if field in FIELDS],
+                   [field for field in fields if type(field) is int])
+
+    def _stack(self, block, create):
+        """R8 = the stack of START times of this thread and match values; an END without
+        one goes to its "unmatched", a START creates it, empty."""
+        code, name = block.code, block.name
+        self._key(block, ("tid", *self.tally.match))
+        code.load(4, R1, R8, OFFSETS["missing"])                # the match values' alone:
+        code.alu64("and", R1, sum(1 << index for index in self.tally.arguments
+                                  if index in self.tally.match))
+        code.store(4, R8, OFFSETS["missing"], R1)              # a START's and an END's differ
+        _look_up_key(code, self.stacks.fd, f"{name}_unmatched" if not create
+                     else f"{name}_new_stack")
+        if create:
+            code.goto(f"{name}_stack")
+            code.label(f"{name}_new_stack")
             map_call(code, "map_lookup_elem", self.empty.fd, _zero_key(code))
             code.jump("jeq", R0, 0, "out")
             code.mov(R3, R0)
             code.load_map(R1, self.stacks.fd)
-            code.mov(R2, R10)
-            code.alu64("add", R2, -8)
+            code.mov(R2, R8)
+            code.alu64("add", R2, KEY_START)
             code.mov(R4, BPF_NOEXIST)
             code.call("map_update_elem")
-            map_call(code, "map_lookup_elem", self.stacks.fd, -8)
-            code.jump("jeq", R0, 0, f"{name}_no_stack")
-            code.label(f"{name}_start_stack")
+            _look_up_key(code, self.stacks.fd, f"{name}_no_stack")
+            code.label(f"{name}_stack")
         code.mov(R8, R0)
 
     def _count_span(self, code, counter):

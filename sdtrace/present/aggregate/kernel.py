@@ -3,9 +3,9 @@
 ``tally_for(plan)`` is what a Session needs before it arms: a function of
 the selected sites that gives the engine's bpf.tally.Tally of the plan (its
 keys resolved against the sites as the user-space executor resolves them),
-or None for a plan the kernel does not compute (latencies with match keys
-or keys of the START's own, and every plan with a timeline, go through
-records).  A histogram comes back as the same Distribution the user-space
+or None for a plan the kernel does not compute (latencies keyed by what
+only the START knows, its probe or arguments not matched, and every plan
+with a timeline, go through records).  A histogram comes back as the same Distribution the user-space
 executor builds: the programs count the same log-linear (and linear)
 buckets and keep the exact count, sum, minimum and maximum.  Once armed, ``KernelExecutor(session).aggregator(plan)``
 reads the session's maps whenever a result is asked for, so ``--interval``
@@ -36,17 +36,19 @@ def tally_for(plan, max_keys=DEFAULT_MAX_KEYS):
     site (the user-space executor then says what is wrong, or truncates floats)."""
     if not isinstance(plan, (Count, Histogram, Latency)):
         return None
-    if isinstance(plan, Latency) and (plan.match or any(key.field not in THREAD_KEYS
-                                                       for key in plan.keys)):
-        return None       # match keys and the START's own keys need the records
+    if isinstance(plan, Latency) and any(key.field not in THREAD_KEYS and key not in plan.match
+                                         for key in plan.keys):
+        return None       # the START's own keys (its probe, arguments not matched) need records
 
     def tally(sites):
         from ...engine.bpf.tally import Tally
 
         signatures = [_Signature(site.qualified_name, site.provider, site.name, site.operands)
                       for site in sites]
-        keys = tuple(_FIELDS[key.field] if key.field is not None
-                     else _argument_index(key, signatures, "key") for key in plan.keys)
+        def resolved(keys, role):
+            return tuple(_FIELDS[key.field] if key.field is not None
+                         else _argument_index(key, signatures, role) for key in keys)
+        keys = resolved(plan.keys, "key")
         if isinstance(plan, Count):
             return Tally(keys, max_keys)
         linear = plan.linear and (plan.linear.minimum, plan.linear.maximum, plan.linear.step)
@@ -57,7 +59,10 @@ def tally_for(plan, max_keys=DEFAULT_MAX_KEYS):
                                if roles.get(site, (0, None))[1] is True)
             ends = frozenset(site_id for site_id, site in enumerate(named)
                              if roles.get(site, (0, None))[1] is False)
-            return Tally(keys, max_keys, linear=linear, spans=(starts, ends))
+            match = resolved(plan.match, "match key")
+            if "site" in match:
+                return None                     # START and END are different probes
+            return Tally(keys, max_keys, linear=linear, spans=(starts, ends), match=match)
         if plan.value.field is not None:
             return None
         value = _argument_index(plan.value, signatures, "value")
