@@ -162,12 +162,18 @@ def open_tracepoint(event_id: int, pid: int = -1, cpu: int = 0, *, inherit: bool
     attr = PERF_EVENT_ATTR.pack(
         PERF_TYPE_TRACEPOINT, PERF_EVENT_ATTR.size, event_id, 1, SAMPLE_TYPE, 0, flags,
         wakeup_events, 0, 0, 0, 0, 0, 0, CLOCK_MONOTONIC, 0, 0, 0, 0, 0)
+    return _perf_event_open(attr, pid, cpu, f"trace event {event_id}")
+
+
+def _perf_event_open(attr: bytes, pid: int, cpu: int, what: str) -> int:
+    """perf_event_open(`attr`, `pid`, `cpu`), close-on-exec: the fd, or one line naming
+    `what`."""
     fd = libc().syscall(ctypes.c_long(_perf_event_open_number()), attr,
                         ctypes.c_long(pid), ctypes.c_long(cpu), ctypes.c_long(-1),
                         ctypes.c_ulong(PERF_FLAG_FD_CLOEXEC))
     if fd < 0:
         error = ctypes.get_errno()
-        raise SdtraceError(f"perf_event_open(trace event {event_id}, pid {pid}, cpu {cpu}): "
+        raise SdtraceError(f"perf_event_open({what}, pid {pid}, cpu {cpu}): "
                            f"{os.strerror(error)}{_open_hint(error)}")
     return fd
 
@@ -206,14 +212,7 @@ def open_uprobe(path: str, offset: int, ref_ctr_offset: int = 0, pid: int = -1,
     attr = PERF_EVENT_ATTR.pack(
         pmu_type, PERF_EVENT_ATTR.size, config, 1, 0, 0, 0, 0, 0,
         ctypes.addressof(path_text), offset, 0, 0, 0, 0, 0, 0, 0, 0, 0)
-    fd = libc().syscall(ctypes.c_long(_perf_event_open_number()), attr,
-                        ctypes.c_long(pid), ctypes.c_long(cpu), ctypes.c_long(-1),
-                        ctypes.c_ulong(PERF_FLAG_FD_CLOEXEC))
-    if fd < 0:
-        error = ctypes.get_errno()
-        raise SdtraceError(f"perf_event_open(uprobe {path}:{offset:#x}, pid {pid}, cpu {cpu}): "
-                           f"{os.strerror(error)}{_open_hint(error)}")
-    return fd
+    return _perf_event_open(attr, pid, cpu, f"uprobe {path}:{offset:#x}")
 
 
 def _open_hint(error: int) -> str:

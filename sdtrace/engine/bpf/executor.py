@@ -102,12 +102,12 @@ class BpfExecutor:
             plans = {site_id: (site, codegen.plan_site(site, site_types))
                      for site_id, (site, site_types) in enumerate(zip(notes_sites, types))}
             self._warn(plans)
-            layouts = {site_id: codegen.RecordLayout(site_plans, string_length)
-                       for site_id, (_site, site_plans) in plans.items()}
-            self.record_size = max((layout.size for layout in layouts.values()), default=0)
+            self.layouts = {site_id: codegen.RecordLayout(site_plans, string_length)
+                            for site_id, (_site, site_plans) in plans.items()}
+            self.record_size = max((layout.size for layout in self.layouts.values()),
+                                   default=0)
             if tally is not None:
-                self.tally = self._owned.own(TallyMaps(tally, layouts, self.record_size))
-            self.layouts = {}
+                self.tally = self._owned.own(TallyMaps(tally, self.layouts, self.record_size))
             for path in dict.fromkeys(site.file for site in notes_sites):
                 group = {site_id: entry for site_id, entry in plans.items()
                          if entry[0].file == path}
@@ -132,23 +132,22 @@ class BpfExecutor:
                                          f"{plan.unavailable}")
 
     def _load(self, group, string_length):
-        code, layouts = codegen.generate(group, self._ring.fd, self._lost_counter.fd,
-                                         string_length, self.tree and self.tree.map.fd,
-                                         sleepable=self.links == "multi",
-                                         record_size=self.record_size,
-                                         emit=self.tally and self.tally.emit)
+        """The program of the sites of `group` ({site id: (site, plans)}), loaded."""
         multi = self.links == "multi"
+        code, _layouts = codegen.generate(group, self._ring.fd, self._lost_counter.fd,
+                                          string_length, self.tree and self.tree.map.fd,
+                                          sleepable=multi, record_size=self.record_size,
+                                          emit=self.tally and self.tally.emit)
         return Program(code, "sdtrace_usdt",
                        expected_attach_type=BPF_TRACE_UPROBE_MULTI if multi else 0,
-                       sleepable=multi), layouts
+                       sleepable=multi)
 
     def _attach(self, path, group, pid, string_length, kernel_semaphores):
         try:
-            program, layouts = self._load(group, string_length)
+            program = self._load(group, string_length)
         except BpfRefused as refused:
             raise self._culprit(path, group, string_length, refused) from None
         self._owned.own(program)
-        self.layouts.update(layouts)
         sites = [site for site, _plans in group.values()]
         try:
             link = LINKS[self.links](program, path, [site.offset for site in sites],
@@ -178,7 +177,7 @@ class BpfExecutor:
         """The one-line error naming the first site whose program alone is refused."""
         for site_id, (site, plans) in group.items():
             try:
-                program, _layouts = self._load({site_id: (site, plans)}, string_length)
+                program = self._load({site_id: (site, plans)}, string_length)
             except BpfRefused as alone:
                 refused = alone
                 where = f"{site.qualified_name} at {path}:{site.offset:#x}"

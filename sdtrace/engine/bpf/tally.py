@@ -129,15 +129,10 @@ class TallyMaps:
             raise
 
     def _direct_slots(self):
-        keys = self.tally.keys
-        if keys == ():
-            return 1
-        if keys == ("site",):
-            return max(self.layouts, default=0) + 1
-        if len(keys) == 1 and type(keys[0]) is int and all(
-                _integer(layout.plans[keys[0]]) for layout in self.layouts.values()):
-            return self.tally.max_keys
-        return 1                                        # unused: every key is hashed
+        """The slots of `direct`: one per site id, per integer value below max_keys, or one
+        (a single count, or none used: every key is hashed)."""
+        return {"site": max(self.layouts, default=0) + 1,
+                "argument": self.tally.max_keys}.get(self.direct_kind, 1)
 
     @property
     def direct_kind(self):
