@@ -53,7 +53,7 @@ STATS_OFFSETS = {"count": 0, "sum": 8, "sum_high": 16, "minimum": 24, "maximum":
 STACK_DEPTH = 32
 STACK = struct.Struct(f"<I4x{STACK_DEPTH}Q")
 STACK_TIMES = 8
-DURATION_SLOT = -48            # the duration, on the program's stack while the key is built
+TIME_SLOT = -48                # a span's time, then its duration, on the program's stack
 # per-CPU counters of spans: ENDs with no open START, STARTs nested too deep to time,
 # STARTs that found no room for their thread's stack
 SPAN_COUNTERS = ("unmatched", "too_deep", "no_stack")
@@ -195,6 +195,7 @@ class TallyMaps:
             code.jump("jeq", R7, site_id, f"{name}_end")
         code.goto("out")                                        # a site that only arms
         code.label(f"{name}_start")
+        self._now(code)
         self._stack(block, create=True)
         code.load(4, R1, R8, 0)                                 # the depth
         code.mov(R2, R1)
@@ -203,15 +204,15 @@ class TallyMaps:
         code.jump("jge", R1, STACK_DEPTH, f"{name}_too_deep")  # pushed, but not timed
         code.alu64("lsh", R1, 3)
         code.alu64("add", R1, R8)
-        code.mov(R9, R1)
-        code.call("ktime_get_ns")
-        code.store(8, R9, STACK_TIMES, R0)
+        code.load(8, R2, R10, TIME_SLOT)
+        code.store(8, R1, STACK_TIMES, R2)
         code.goto("out")
         code.label(f"{name}_too_deep")
         self._count_span(code, "too_deep")
         code.label(f"{name}_no_stack")
         self._count_span(code, "no_stack")
         code.label(f"{name}_end")
+        self._now(code)
         self._stack(block, create=False)
         code.load(4, R1, R8, 0)
         code.jump("jeq", R1, 0, f"{name}_unmatched")
@@ -220,13 +221,12 @@ class TallyMaps:
         code.jump("jge", R1, STACK_DEPTH, "out")                # its START was not timed
         code.alu64("lsh", R1, 3)
         code.alu64("add", R1, R8)
-        code.mov(R9, R1)
-        code.call("ktime_get_ns")
-        code.load(8, R1, R9, STACK_TIMES)
-        code.alu64("sub", R0, R1)                               # the duration
-        code.store(8, R10, DURATION_SLOT, R0)                   # fill() takes R9 for itself
+        code.load(8, R1, R1, STACK_TIMES)
+        code.load(8, R2, R10, TIME_SLOT)
+        code.alu64("sub", R2, R1)                               # the duration
+        code.store(8, R10, TIME_SLOT, R2)
         self._key(block, ("site", *self.tally.keys))
-        code.load(8, R9, R10, DURATION_SLOT)
+        code.load(8, R9, R10, TIME_SLOT)
         self._statistics(code, name, unsigned=False)
         self._fine_bucket(code, name, unsigned=False)
         if self.tally.linear is not None:
@@ -234,6 +234,13 @@ class TallyMaps:
         self._hash_add_one(code, name)
         code.label(f"{name}_unmatched")
         self._count_span(code, "unmatched")
+
+    @staticmethod
+    def _now(code):
+        """The time of the hit, first thing (so that both ends of a span are timed alike,
+        before any lookup), kept in TIME_SLOT of the program's stack: fill() takes R9."""
+        code.call("ktime_get_ns")
+        code.store(8, R10, TIME_SLOT, R0)
 
     def _key(self, block, fields):
         """R8 = the scratch record, holding the key of `fields` (FIELDS and arguments) from
