@@ -1,4 +1,4 @@
-"""Counting in the kernel: a hit adds 1 to a map under its key, and nothing else happens.
+"""Aggregating in the kernel: a hit adds to maps under its key, and nothing else happens.
 
 ``count`` over the record path sends every hit to Python; under load the
 ring overflows and the counts are short (the records are lost, counted, but
@@ -21,6 +21,15 @@ cheapest map that can hold it:
   lookup); an insert the full map refuses is counted in ``dropped``, never
   silent.
 
+A tally with a ``value`` keeps a histogram of an integer argument instead:
+``stats`` holds the count, a 128-bit sum, the minimum and the maximum per
+key, and ``counts`` the hits per key and bucket, the bucket computed in the
+program as present/aggregate/distribution does it (log-linear: exact below
+16, then 16 per power of two; and linear ones if asked), so that the same
+Distribution comes back.  A tally with ``spans`` keeps a histogram of
+durations: a START pushes the time on a stack (``stacks``, per thread and
+match values), an END pops it.
+
 Counts are added atomically (a sleepable program can be preempted between a
 load and a store on one CPU).  Python reads the maps when asked (``counts()``,
 batched, kernel/bpf.Map.items) and decodes each key with the site's layout
@@ -28,6 +37,7 @@ into the same raw key tuples as the record path's aggregators
 (present/aggregate): an events.ArmedSite for the site, ints and strs for the
 rest, None for an argument that could not be read.
 """
+import errno
 import struct
 from collections import Counter
 from dataclasses import dataclass
@@ -42,11 +52,11 @@ from .records import slot_format
 FIELDS = ("site", "pid", "tid", "comm")
 DEFAULT_MAX_KEYS = 1 << 16
 KEY_START = OFFSETS["tid"]          # the key: the scratch record from here on
-EEXIST = 17
+EEXIST = errno.EEXIST             # what an insert of a key already there returns (negated)
 COUNT = struct.Struct("<Q")
-# a histogram's per-key statistics (the count tells the CPUs that saw the key)
-# (count, sum as 128 bits: low then high word, minimum, maximum), the extremes as the value's
-# type has them (a u64 is compared and summed unsigned)
+# a histogram's statistics per key and CPU: count (which tells the CPUs that saw the key),
+# sum as 128 bits (low, then high word), minimum, maximum, the extremes as the value's type
+# has them (a u64 is compared and summed unsigned)
 STATS = struct.Struct("<QQQQQ")
 STATS_OFFSETS = {"count": 0, "sum": 8, "sum_high": 16, "minimum": 24, "maximum": 32}
 # a thread's open spans: their depth, then the START times of the innermost STACK_DEPTH
