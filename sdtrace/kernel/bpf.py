@@ -37,7 +37,17 @@ The features used, and the kernels that brought them:
   record as its ``format`` file lays it out, attached to a perf event of the
   tracepoint with ``BPF_LINK_CREATE`` and ``BPF_PERF_EVENT``: 5.15,
   b89fbfbb854c ("bpf: Implement minimal BPF perf link").  The link holds the
-  perf event, so its fd is the attachment's only owner.
+  perf event, so its fd is the attachment's only owner;
+* the same perf links on uprobes of the uprobe PMU, where the kernel has no
+  uprobe_multi links (``UprobePerfLinks``): the uprobe defined by
+  perf_event_open itself (4.17, 33ea4b24277b, "perf/core: Implement the
+  'perf_uprobe' PMU"), its semaphore in the attr's config (4.20,
+  a6ca88b241d5, "trace_uprobe: support reference counter in fd-based
+  uprobe"), the site's cookie in the link (5.15, 82e6b1eee6a8, "bpf: Allow to
+  specify user-provided bpf_cookie for BPF perf links"), which
+  bpf_get_attach_cookie() returns as it does on a uprobe_multi link.  The
+  program is a kprobe program *without* the uprobe_multi expected attach type:
+  the kernel refuses to attach a uprobe_multi program to a perf event (EINVAL).
 
 A refused call raises BpfRefused, one line naming what was refused and the
 errno by name.  A refused program load is retried once with a verifier log
@@ -51,6 +61,7 @@ import struct
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 from ..errors import BpfRefused
+from . import perf
 from .libc import libc, machine, syscall_number
 from .log import logger
 
@@ -402,19 +413,27 @@ class Program(FdObject):
         return _refused(what, code, f": {verdict}" if verdict else "", log_text)
 
 
+def _check_per_site(offsets: Sequence[int], ref_ctr_offsets: Optional[Sequence[int]],
+                    cookies: Optional[Sequence[int]]) -> None:
+    """ValueError unless ref_ctr_offsets and cookies, where given, have one value per offset."""
+    count = len(offsets)
+    for label, values in (("ref_ctr_offsets", ref_ctr_offsets), ("cookies", cookies)):
+        if values is not None and len(values) != count:
+            raise ValueError(f"{label}: {len(values)} values for {count} offsets")
+
+
 class UprobeMultiLink(FdObject):
     """`program` armed on `offsets` of the file at `path`, for process `pid` (0: all).
 
     ref_ctr_offsets (0 where none) name the semaphore the kernel raises with each
-    breakpoint; cookies are what bpf_get_attach_cookie() returns at each offset."""
+    breakpoint; cookies are what bpf_get_attach_cookie() returns at each offset.
+    `program` must be loaded with expected_attach_type BPF_TRACE_UPROBE_MULTI."""
 
     def __init__(self, program: Program, path: str, offsets: Sequence[int],
                  ref_ctr_offsets: Optional[Sequence[int]] = None,
                  cookies: Optional[Sequence[int]] = None, pid: int = 0):
+        _check_per_site(offsets, ref_ctr_offsets, cookies)
         count = len(offsets)
-        for label, values in (("ref_ctr_offsets", ref_ctr_offsets), ("cookies", cookies)):
-            if values is not None and len(values) != count:
-                raise ValueError(f"{label}: {len(values)} values for {count} offsets")
         path_text = ctypes.create_string_buffer(os.fsencode(path))
         arrays = [_u64_array(values) for values in (offsets, ref_ctr_offsets, cookies)]
         attr = LINK_CREATE_UPROBE_MULTI.pack(
@@ -445,20 +464,27 @@ class PerfEventLink(FdObject):
 
 
 class UprobePerfLinks:
-    """`program` armed on `offsets` of `path` as UprobeMultiLink arms it, one uprobe-PMU
-    perf event and BPF perf link per site: the way for kernels before uprobe_multi
-    links (6.6).  For every process the event is opened on CPU 0 alone, as libbpf
-    does: the program runs at every hit whatever the CPU (it runs before perf's own
-    CPU filter), once per event.  The links are the owners; close() closes them all,
-    newest first.  The program must not be a uprobe_multi one."""
+    """`program` armed on `offsets` of `path` as UprobeMultiLink arms it, where the
+    kernel has no uprobe_multi links (before 6.6): per site, a uprobe of the uprobe PMU
+    (perf.open_uprobe, its semaphore the site's ref_ctr_offset) and a PerfEventLink
+    whose cookie is the site's.  The perf fds are closed once linked: each link holds
+    its event, and this object holds the links, closed by close() newest first.
+
+    pid=P arms process P; pid=0 every process, with one event opened on CPU 0 alone, as
+    libbpf does: the program runs at every hit whatever the CPU (before perf's CPU
+    filter), once per event, so one event per CPU would run it once per CPU.  A refusal
+    is BpfRefused naming the site (ESRCH: no process P, as UprobeMultiLink says it) and
+    closes the sites armed before it.  `program` is a BPF_PROG_TYPE_KPROBE program
+    loaded without expected_attach_type BPF_TRACE_UPROBE_MULTI (a perf event refuses
+    such a program: EINVAL); bpf_get_attach_cookie() works in it all the same."""
 
     def __init__(self, program: Program, path: str, offsets: Sequence[int],
                  ref_ctr_offsets: Optional[Sequence[int]] = None,
                  cookies: Optional[Sequence[int]] = None, pid: int = 0):
-        from . import perf
-
-        self.path, self.offsets, self.pid = path, tuple(offsets), pid
+        _check_per_site(offsets, ref_ctr_offsets, cookies)
+        self.name, self.path, self.offsets, self.pid = program.name, path, tuple(offsets), pid
         self._links = Owned()
+        self.closed = False
         try:
             for index, offset in enumerate(offsets):
                 perf_fd = perf.open_uprobe(path, offset,
@@ -474,7 +500,15 @@ class UprobePerfLinks:
             raise
 
     def close(self) -> None:
+        """Close every link, newest first, which disarms its site; idempotent."""
         self._links.close()
+        self.closed = True
+
+    def __enter__(self) -> "UprobePerfLinks":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
 def _u64_array(values: Optional[Iterable[int]]):

@@ -1,4 +1,5 @@
-"""perf_event_open on trace events, and the per-CPU ring buffers they write to.
+"""perf_event_open on trace events and on uprobe-PMU uprobes, and the per-CPU ring buffers
+trace events write to.
 
 A uprobe defined in tracefs is armed by opening it as a perf tracepoint
 (type PERF_TYPE_TRACEPOINT, config = the event's id), the way ``perf record``
@@ -35,6 +36,11 @@ The default parsers (``SAMPLES``) make ``Sample`` tuples; events.py supplies
 parsers generated per probe site, which is what keeps the hot loop fast.
 Whatever a parser appends starts with the sample's time, the key of the
 merge of the CPUs.
+
+``open_uprobe`` opens the other kind of event: a uprobe of the dynamic uprobe
+PMU, defined by the perf_event_open call itself (nothing in tracefs), with no
+ring.  It exists for a BPF program to be attached to (bpf.UprobePerfLinks); its
+breakpoints and semaphore raises go with the last reference to it.
 """
 import ctypes
 import errno
@@ -47,7 +53,7 @@ from collections import deque
 from operator import itemgetter
 from typing import Callable, Iterable, List, Mapping, Optional, Tuple
 
-from ..errors import SdtraceError
+from ..errors import BpfRefused, SdtraceError
 from .libc import libc, machine, syscall_number
 
 PERF_TYPE_TRACEPOINT = 2
@@ -162,20 +168,24 @@ def open_tracepoint(event_id: int, pid: int = -1, cpu: int = 0, *, inherit: bool
     attr = PERF_EVENT_ATTR.pack(
         PERF_TYPE_TRACEPOINT, PERF_EVENT_ATTR.size, event_id, 1, SAMPLE_TYPE, 0, flags,
         wakeup_events, 0, 0, 0, 0, 0, 0, CLOCK_MONOTONIC, 0, 0, 0, 0, 0)
-    return _perf_event_open(attr, pid, cpu, f"trace event {event_id}")
+    fd = _perf_event_open(attr, pid, cpu)
+    if fd < 0:
+        raise SdtraceError(_refusal(f"trace event {event_id}", pid, cpu, -fd))
+    return fd
 
 
-def _perf_event_open(attr: bytes, pid: int, cpu: int, what: str) -> int:
-    """perf_event_open(`attr`, `pid`, `cpu`), close-on-exec: the fd, or one line naming
-    `what`."""
+def _perf_event_open(attr: bytes, pid: int, cpu: int) -> int:
+    """perf_event_open(`attr`, `pid`, `cpu`), close-on-exec: the fd, or -errno."""
     fd = libc().syscall(ctypes.c_long(_perf_event_open_number()), attr,
                         ctypes.c_long(pid), ctypes.c_long(cpu), ctypes.c_long(-1),
                         ctypes.c_ulong(PERF_FLAG_FD_CLOEXEC))
-    if fd < 0:
-        error = ctypes.get_errno()
-        raise SdtraceError(f"perf_event_open({what}, pid {pid}, cpu {cpu}): "
-                           f"{os.strerror(error)}{_open_hint(error)}")
-    return fd
+    return fd if fd >= 0 else -ctypes.get_errno()
+
+
+def _refusal(what: str, pid: int, cpu: int, error: int) -> str:
+    """The one line saying that perf_event_open refused `what` with errno `error`."""
+    return (f"perf_event_open({what}, pid {pid}, cpu {cpu}): "
+            f"{os.strerror(error)}{_open_hint(error)}")
 
 
 UPROBE_PMU = "/sys/bus/event_source/devices/uprobe"
@@ -194,8 +204,17 @@ def open_uprobe(path: str, offset: int, ref_ctr_offset: int = 0, pid: int = -1,
                 cpu: int = -1) -> int:
     """A uprobe at `path`+`offset` as a perf event of the dynamic uprobe PMU (4.17,
     33ea4b24277b), with the semaphore at `ref_ctr_offset` (0: none) in the bits of
-    `config` its format names (4.20, a6ca88b241d5); its fd, opened enabled, for a BPF
-    program to be attached to.  pid=-1 needs a cpu: one event per CPU is every process."""
+    `config` its format names (4.20, a6ca88b241d5); its fd, for a BPF program to be
+    attached to.  The event is opened enabled and has no ring buffer: what it does is
+    run the program attached to it at every hit its filter passes.
+
+    pid=P probes process P (cpu -1); pid=-1 needs a cpu, and its event passes the hits
+    of every process on every CPU to an attached program (the program runs before
+    perf's CPU filter), so one event is all processes.  A refusal is BpfRefused with
+    the kernel's errno (ESRCH: no process `pid`; EINVAL: `offset` outside the file, or
+    another tracer holds the site with another semaphore), as bpf.UprobeMultiLink
+    reports the same failures."""
+    what = f"uprobe {path}:{offset:#x}"
     try:
         with open(os.path.join(UPROBE_PMU, "type")) as file:
             pmu_type = int(file.read())
@@ -207,12 +226,15 @@ def open_uprobe(path: str, offset: int, ref_ctr_offset: int = 0, pid: int = -1,
                 raise ValueError(f"ref_ctr_offset {ref_ctr_offset:#x} does not fit {field}")
             config = ref_ctr_offset << first
     except (OSError, ValueError) as error:
-        raise SdtraceError(f"{path}:{offset:#x}: no uprobe PMU here ({error})") from None
+        raise SdtraceError(f"{what}: no uprobe PMU here ({error})") from None
     path_text = ctypes.create_string_buffer(os.fsencode(path))
     attr = PERF_EVENT_ATTR.pack(
         pmu_type, PERF_EVENT_ATTR.size, config, 1, 0, 0, 0, 0, 0,
         ctypes.addressof(path_text), offset, 0, 0, 0, 0, 0, 0, 0, 0, 0)
-    return _perf_event_open(attr, pid, cpu, f"uprobe {path}:{offset:#x}")
+    fd = _perf_event_open(attr, pid, cpu)
+    if fd < 0:
+        raise BpfRefused(_refusal(what, pid, cpu, -fd), f"opening {what}", -fd)
+    return fd
 
 
 def _open_hint(error: int) -> str:
