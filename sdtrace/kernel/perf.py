@@ -244,8 +244,6 @@ def _open_hint(error: int) -> str:
         return (" (no such trace event; or for a uprobe: its offset is outside the file, or "
                 "ref_ctr_offset mismatch: another tracer holds the same site with another or "
                 "no semaphore)")
-    if error == errno.ESRCH:
-        return " (no such process)"
     return ""
 
 
