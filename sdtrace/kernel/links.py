@@ -11,6 +11,8 @@ import os
 import re
 from typing import Iterator, NamedTuple, Optional
 
+from .procfs import is_file
+
 LINK = "anon_inode:bpf_link"
 _SITE_LINE = re.compile(r"(\d+)\s+0x([0-9a-f]+)\s+0x([0-9a-f]+)$")
 
@@ -57,24 +59,18 @@ def _sites(pid: int, comm: str, fdinfo: str) -> Iterator[LinkedSite]:
                              int(match.group(3), 16))
 
 
-def conflict(path: str, offset: int, ref_ctr_offset: Optional[int]) -> Optional[str]:
-    """Who holds `path`'s site at `offset` through a BPF link with another semaphore
-    offset than `ref_ctr_offset` (None or 0: none), if anybody."""
-    try:
-        inode = os.stat(path)
-    except OSError:
-        return None
-    wanted = ref_ctr_offset or 0
+def conflict(identity, offset: int, ref_ctr_offset: Optional[int]) -> Optional[str]:
+    """Who holds the site at `offset` of the file of `identity` (procfs.file_identity)
+    through a BPF link with another semaphore offset than `ref_ctr_offset` (None or 0:
+    none), if anybody."""
     for site in linked_sites():
-        if site.offset != offset or site.ref_ctr_offset == wanted:
-            continue
-        try:
-            other = os.stat(site.path)
-        except OSError:
-            continue
-        if (other.st_dev, other.st_ino) == (inode.st_dev, inode.st_ino):
-            theirs = (f"semaphore {site.ref_ctr_offset:#x}" if site.ref_ctr_offset
-                      else "no semaphore")
+        if (site.offset == offset and site.ref_ctr_offset != (ref_ctr_offset or 0)
+                and is_file(site.path, identity)):
             return (f"ref_ctr_offset mismatch: process {site.pid} ({site.comm}) holds the same "
-                    f"site with {theirs} (a BPF link)")
+                    f"site with {semaphore_text(site.ref_ctr_offset)} (a BPF link)")
     return None
+
+
+def semaphore_text(ref_ctr_offset: Optional[int]) -> str:
+    """A holder's semaphore, as a conflict names it."""
+    return f"semaphore {ref_ctr_offset:#x}" if ref_ctr_offset else "no semaphore"

@@ -62,6 +62,15 @@ def file_identity(file):
     return (os.major(status.st_dev), os.minor(status.st_dev), status.st_ino)
 
 
+def is_file(path, identity):
+    """Whether `path` names the file of `identity` (file_identity); False if it cannot
+    be looked at."""
+    try:
+        return file_identity(path) == identity
+    except OSError:
+        return False
+
+
 def read_proc(pid, name):
     """The bytes of /proc/PID/NAME."""
     try:

@@ -57,7 +57,7 @@ from ..errors import AccessDenied, KernelRefused, SdtraceError
 from . import links
 from .libc import libc
 from .log import logger
-from .procfs import alive, read_starttime
+from .procfs import alive, file_identity, is_file, read_starttime
 
 MOUNT_POINTS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 GROUP_PREFIX = "sdtrace_"
@@ -321,7 +321,7 @@ def ref_ctr_conflict(path: str, offset: int, ref_ctr_offset: Optional[int],
     """Describe who holds `path`'s site at `offset` with another semaphore offset: a
     uprobe_events definition (of `group`, ours, or another tracer's), or a BPF link."""
     try:
-        inode = os.stat(path)
+        identity = file_identity(path)
     except OSError:
         return None
     for text in _read("uprobe_events").splitlines():
@@ -329,19 +329,13 @@ def ref_ctr_conflict(path: str, offset: int, ref_ctr_offset: Optional[int],
         if not match:
             continue
         their_group, event, their_path, their_offset, ref_ctr = match.groups()
-        ref_ctr = int(ref_ctr, 16) if ref_ctr else None
-        if int(their_offset, 16) != offset or (ref_ctr or 0) == (ref_ctr_offset or 0):
-            continue
-        try:
-            other = os.stat(their_path)
-        except OSError:
-            continue
-        if (other.st_dev, other.st_ino) == (inode.st_dev, inode.st_ino):
-            theirs = f"semaphore {ref_ctr:#x}" if ref_ctr is not None else "no semaphore"
+        ref_ctr = int(ref_ctr, 16) if ref_ctr else 0
+        if (int(their_offset, 16) == offset and ref_ctr != (ref_ctr_offset or 0)
+                and is_file(their_path, identity)):
             holder = "" if their_group == group else "another tracer's "
             return (f"ref_ctr_offset mismatch: {holder}{their_group}/{event} holds the same "
-                    f"site with {theirs}")
-    return links.conflict(path, offset, ref_ctr_offset)
+                    f"site with {links.semaphore_text(ref_ctr)}")
+    return links.conflict(identity, offset, ref_ctr_offset)
 
 
 def _defined_events() -> "list[tuple[str, str]]":

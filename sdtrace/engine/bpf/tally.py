@@ -470,14 +470,19 @@ class TallyMaps:
             counted[self._decode(raw_key, sites)] += _total(values, self.counts.slot_size)
         return counted
 
+    @staticmethod
+    def _site_id(raw_key):
+        """The id of the site whose hit made the key `raw_key`."""
+        start = OFFSETS["site"] - KEY_START
+        return int.from_bytes(raw_key[start:start + 4], "little")
+
     def _layout(self, raw_key):
         """The RecordLayout of the site whose hit made the key `raw_key`."""
-        start = OFFSETS["site"] - KEY_START
-        return self.layouts[int.from_bytes(raw_key[start:start + 4], "little")]
+        return self.layouts[self._site_id(raw_key)]
 
     def _decode(self, raw_key, sites):
         record = bytes(KEY_START) + raw_key
-        site_id = int.from_bytes(record[OFFSETS["site"]:OFFSETS["site"] + 4], "little")
+        site_id = self._site_id(raw_key)
         layout = self.layouts[site_id]
         missing = int.from_bytes(record[OFFSETS["missing"]:OFFSETS["missing"] + 4], "little")
         values = []

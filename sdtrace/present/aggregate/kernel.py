@@ -66,20 +66,22 @@ def tally_for(plan, max_keys=DEFAULT_MAX_KEYS):
         if plan.value.field is not None:
             return None
         value = _argument_index(plan.value, signatures, "value")
-        if any(site.operands[value].is_float or value in _documented_strings(site)
+        if any(site.operands[value].is_float or _read_as_string(site, value)
                for site in sites):
             return None
         return Tally(keys, max_keys, value, linear)
     return tally
 
 
-def _documented_strings(site):
-    """The arguments of `site` read as strings without a type in the spec (documented)."""
-    from ...discovery import providers
+def _read_as_string(site, index):
+    """Whether the BPF executor reads argument `index` of `site` as a string without a
+    type in the spec (a provider documents it so)."""
+    from ...discovery.providers import STRING
+    from ...engine import fetchargs
+    from ...engine.bpf import codegen
 
-    arguments = providers.lookup(site.provider, site.name, len(site.operands))
-    return set() if arguments is None else {
-        index for index, kind in enumerate(arguments.types) if kind == providers.STRING}
+    types = fetchargs.argument_types(site, (), codegen.plan_argument)
+    return index < len(types) and types[index] == STRING
 
 
 class KernelCountAggregator(Aggregator):
