@@ -206,6 +206,7 @@ def build_parser():
 def listed_probes(args):
     """The probe sites `sdtrace list` shows, each once, in order."""
     from .discovery.specs import context_objects, parse_spec, select_probes
+    from .present import runner
 
     specs = [parse_spec(text) for text in args.specs]
     command = None
@@ -213,7 +214,7 @@ def listed_probes(args):
         import shlex
 
         command = shlex.split(args.command)
-    objects = context_objects(args.pid, command, warn)
+    objects = context_objects(args.pid, command, runner.warn)
     if not specs:
         if not objects:
             raise SdtraceError("nothing to list: give a TARGET, a SPEC, -p PID or -c CMD")
@@ -221,23 +222,19 @@ def listed_probes(args):
     return [site for site, _spec in select_probes(specs, objects)]
 
 
-def warn(message):
-    sys.stderr.write(f"sdtrace: warning: {message}\n")
-
-
 def run_list(args):
-    from .present import output
+    from .present import output, runner
 
     probes = listed_probes(args)
     for probe in probes:
         for operand in probe.operands:
             if operand.error:
-                warn(f"{probe.file}: {probe.qualified_name}: argument {operand.text!r} "
-                     f"is unavailable: {operand.error}")
+                runner.warn(f"{probe.file}: {probe.qualified_name}: argument {operand.text!r} "
+                            f"is unavailable: {operand.error}")
         if probe.semaphore_error:
-            warn(f"{probe.file}: {probe.qualified_name}: unusable semaphore: {probe.semaphore_error}")
+            runner.warn(f"{probe.file}: {probe.qualified_name}: unusable semaphore: {probe.semaphore_error}")
         if probe.site_error:
-            warn(f"{probe.file}: {probe.qualified_name}: cannot be armed: {probe.site_error}")
+            runner.warn(f"{probe.file}: {probe.qualified_name}: cannot be armed: {probe.site_error}")
     text = output.probe_json_lines(probes) if args.json else output.probe_table(probes) + "\n"
     sys.stdout.write(text)
     return 0
@@ -246,10 +243,10 @@ def run_list(args):
 def run_trace(args):
     import collections
 
-    from .present import output
+    from .present import output, runner
 
-    stop = _StopFlag()
-    session = _session(args.specs, args)
+    stop = runner.StopFlag()
+    session = runner.open_session(args.specs, args)
     sink = sys.stdout if args.output is None else output.open_output(args.output)
     lines = output.LineEmitter(args.json)
     timeline = None
@@ -277,44 +274,9 @@ def run_trace(args):
         if timeline is not None:
             timeline.close()
         if armed:
-            _say_session_end(session)
+            runner.say_session_end(session)
             sys.stderr.write(output.summary(counts, session.lost))
     return session.exit_status or 0
-
-
-LATE_RAISES_NAMED = 5     # processes named one per line; beyond, a count and the longest
-
-
-def _say_session_end(session):
-    """The lines before the summary: processes whose semaphore user mode raised after
-    their exec (hits before it were missed), and what became of -c's command."""
-    late = sorted(session.late_raises, key=lambda raise_: -raise_[2])
-    for pid, comm, seconds in late[:LATE_RAISES_NAMED]:
-        sys.stderr.write(f"sdtrace: semaphore of {pid} ({comm}) raised {seconds * 1e3:.1f} ms "
-                         f"after exec\n")
-    if len(late) > LATE_RAISES_NAMED:
-        sys.stderr.write(f"sdtrace: and of {len(late) - LATE_RAISES_NAMED} more processes, "
-                         f"up to {late[LATE_RAISES_NAMED][2] * 1e3:.1f} ms after exec\n")
-    if session.command_ending:
-        sys.stderr.write(f"sdtrace: {session.command_ending}\n")
-
-
-class _StopFlag:
-    """SIGINT/SIGTERM ask the trace loop to stop at its next turn (within 0.1 s).
-
-    A flag, not KeyboardInterrupt: an exception raised between reading a ring
-    and writing its events would lose them.
-    """
-
-    def __init__(self):
-        import signal
-
-        self.requested = False
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, self._request)
-
-    def _request(self, _signum, _frame):
-        self.requested = True
 
 
 def _emit(lines, limit, written, sink, counts, timeline=None):
@@ -331,41 +293,8 @@ def _emit(lines, limit, written, sink, counts, timeline=None):
     return len(lines)
 
 
-def _aggregate(args, specs, plan, interval=None, on_interval=None, on_pair=None):
-    """Run `plan` (present.aggregate) on a session of `specs`; return (its result, the session).
-
-    Ends at -d, Ctrl-C/SIGTERM or the exit of -c's command, always with the
-    final result; `on_interval(aggregator, elapsed seconds)` runs every
-    `interval` seconds.
-    """
-    import time
-
-    from .present import aggregate, output
-
-    stop = _StopFlag()
-    tally = None if on_pair else aggregate.tally_for(         # a timeline needs the records
-        plan, getattr(args, "max_keys", None) or aggregate.DEFAULT_MAX_KEYS)
-    session = _session(specs, args, tally)
-    with session:
-        aggregator = aggregate.KernelExecutor(session).aggregator(plan, on_pair)
-        sys.stderr.write(f"sdtrace: tracing {len(session.sites)} site(s); Ctrl-C to end\n")
-        started = time.monotonic()
-        for batch in session.batches(None, args.duration, lambda: stop.requested, interval,
-                                     on_interval and (lambda: on_interval(
-                                         aggregator, time.monotonic() - started))):
-            aggregator.add(batch)
-        aggregator.flush()
-    if session.lost and session.counting_in_kernel:
-        warn(f"{session.lost} hits not counted: the map of keys is full (raise --max-keys)")
-    elif session.lost:
-        warn(f"{output.lost_warning(session.lost)}: the results are low")
-    _say_session_end(session)
-    sys.stderr.write(output.summary_line(session.received, session.lost))
-    return aggregator.result(), session
-
-
 def run_count(args):
-    from .present import aggregate, report
+    from .present import aggregate, report, runner
 
     plan = aggregate.Count(aggregate.parse_keys(args.by))
     previous = []
@@ -380,7 +309,7 @@ def run_count(args):
             sys.stdout.write(f"{elapsed:.3f} s\n{report.count_table(delta, args.top)}\n")
         sys.stdout.flush()
 
-    result, session = _aggregate(args, args.specs, plan, args.interval,
+    result, session = runner.aggregate(args, args.specs, plan, args.interval,
                                  on_interval if args.interval else None)
     sys.stdout.write(report.count_json(result, args.top) if args.json
                      else report.count_table(result, args.top))
@@ -388,15 +317,15 @@ def run_count(args):
 
 
 def run_hist(args):
-    from .present import aggregate, report
+    from .present import aggregate, report, runner
 
     plan = aggregate.Histogram(
         aggregate.parse_key(args.arg),
         aggregate.parse_keys(args.by) if args.by else (),
         aggregate.parse_linear(args.linear) if args.linear else None)
-    result, session = _aggregate(args, args.specs, plan)
+    result, session = runner.aggregate(args, args.specs, plan)
     if result.missing:
-        warn(f"{result.missing} hits had no value (the argument was unavailable)")
+        runner.warn(f"{result.missing} hits had no value (the argument was unavailable)")
     sys.stdout.write(report.histograms_json(result) if args.json
                      else report.histograms_text(result))
     return session.exit_status or 0
@@ -407,7 +336,7 @@ def run_latency(args):
 
     from .discovery.specs import parse_spec
     from .engine import events
-    from .present import aggregate, report
+    from .present import aggregate, report, runner
 
     plan = aggregate.Latency(
         parse_spec(args.start), parse_spec(args.end),
@@ -422,7 +351,7 @@ def run_latency(args):
         on_pair = lambda start, end, label: timeline.slice(  # noqa: E731
             label, start, end, start[events.SITE].probe)
     try:
-        result, session = _aggregate(args, [args.start, args.end, *args.arm], plan,
+        result, session = runner.aggregate(args, [args.start, args.end, *args.arm], plan,
                                      on_pair=on_pair)
     finally:
         if timeline is not None:
@@ -438,12 +367,13 @@ def run_latency(args):
 
 def run_cleanup(_args):
     from .kernel import tracefs
+    from .present import runner
     from .semaphores import guardian
 
     removed = tracefs.remove_stale()
     for group in removed:
         sys.stderr.write(f"sdtrace: removed stale uprobe group {group}\n")
-    reverted = guardian.revert_dead_ledgers(warn=warn)
+    reverted = guardian.revert_dead_ledgers(warn=runner.warn)
     sys.stderr.write(f"sdtrace: {len(removed)} stale group(s) removed, "
                      f"{reverted} semaphore ledger(s) of dead sessions reverted\n")
     return 0
@@ -463,27 +393,16 @@ def run_semaphores(args):
     import json
 
     from .discovery.specs import parse_spec
-    from .present import output
+    from .present import output, runner
     from .semaphores import audit
 
     specs = [parse_spec(text) for text in args.specs]
-    states = audit.audit(args.pid, specs, warn=warn)
+    states = audit.audit(args.pid, specs, warn=runner.warn)
     if args.json:
         sys.stdout.write("".join(json.dumps(output.semaphore_state_record(state)) + "\n" for state in states))
     elif states:
         sys.stdout.write(output.semaphore_state_table(states) + "\n")
     return 0
-
-
-def _session(specs, args, tally=None):
-    """The engine.session.Session of `specs` that the session options of `args` ask for
-    (counting in the kernel by `tally` where the executor can)."""
-    from .engine.session import Session
-
-    return Session(specs, pid=args.pid, command=args.command,
-                   buffer_pages=args.buffer_pages, semaphores=args.semaphores, warn=warn,
-                   keep_command=args.keep_command, executor=args.executor,
-                   string_size=args.string_size, tally=tally)
 
 
 # Options that must be above 0, by argparse destination.
