@@ -197,6 +197,15 @@ def build_parser():
                     "semaphore mode --semaphores=auto pick, and why.")
     info.add_argument("--json", action="store_true", help="write one JSON object")
     info.set_defaults(run=run_info)
+    from .tools import TOOLS, tool
+
+    for name in TOOLS:
+        module = tool(name)
+        parser_of_tool = commands.add_parser(name, help=module.HELP,
+                                             description=module.DESCRIPTION)
+        _add_session_options(parser_of_tool)
+        module.add_arguments(parser_of_tool)
+        parser_of_tool.set_defaults(run=module.run)
     for subcommand in commands.choices.values():   # --debug after the command too, as in perf
         subcommand.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                                 help=DEBUG_HELP)
