@@ -119,7 +119,9 @@ def build_parser():
     trace.add_argument("-n", "--count", type=int, help="stop after COUNT events")
     trace.add_argument("-o", "--output", metavar="FILE", help="write events to FILE")
     trace.add_argument("--perfetto", metavar="FILE",
-                       help="also write a timeline (Chrome trace-event JSON) to FILE")
+                       help="also write a timeline to FILE: Perfetto's native protobuf trace "
+                            "if FILE ends in .pftrace or .perfetto-trace, else Chrome "
+                            "trace-event JSON")
     trace.add_argument("specs", nargs="+", metavar="SPEC")
     trace.set_defaults(run=run_trace)
 
@@ -169,7 +171,9 @@ def build_parser():
                          help="also arm SPEC, without measuring it (CPython 3.11 fires "
                               "function__entry for every frame only while python:line is armed)")
     latency.add_argument("--perfetto", metavar="FILE",
-                         help="also write the pairs as a timeline (Chrome trace-event JSON)")
+                         help="also write the pairs as a timeline to FILE: Perfetto's native "
+                              "protobuf trace if FILE ends in .pftrace or .perfetto-trace, "
+                              "else Chrome trace-event JSON")
     latency.add_argument("start", metavar="START_SPEC")
     latency.add_argument("end", metavar="END_SPEC")
     latency.set_defaults(run=run_latency)
@@ -354,9 +358,9 @@ def run_latency(args):
         aggregate.parse_linear(args.linear) if args.linear else None)
     timeline = on_pair = None
     if args.perfetto is not None:
-        from .present.perfetto import TimelineWriter
+        from .present.perfetto import timeline_writer
 
-        timeline = TimelineWriter(args.perfetto)
+        timeline = timeline_writer(args.perfetto)
         on_pair = lambda start, end, label: timeline.slice(  # noqa: E731
             label, start, end, start[events.SITE].probe)
     try:

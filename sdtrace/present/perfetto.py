@@ -1,7 +1,15 @@
-"""Timeline export: Chrome trace-event JSON, as ui.perfetto.dev and chrome://tracing open it.
+"""Timeline export: Perfetto's native protobuf trace, or Chrome trace-event JSON.
 
-The file is one JSON object, ``{"traceEvents": [...], "displayTimeUnit": "ns"}``,
-written as events come so that a long trace never sits in memory:
+``timeline_writer(path)`` picks the format by the file's name: a ``.pftrace``
+or ``.perfetto-trace`` file gets Perfetto's native format
+(``ProtoTimelineWriter``), any other Chrome trace-event JSON
+(``JsonTimelineWriter``), which ui.perfetto.dev and chrome://tracing open but
+Perfetto treats as legacy.  Both writers take the same calls: ``slice(name,
+start, end, category)`` for a START/END pair, ``instant(record)`` for a hit,
+``close()``; both write as events come, so that a long trace never sits in
+memory.
+
+The JSON file is one object, ``{"traceEvents": [...], "displayTimeUnit": "ns"}``:
 
 * a START/END pair becomes a complete event (``"ph": "X"``) on its thread,
   ``ts`` the START's time and ``dur`` the END's time minus it;
@@ -16,6 +24,29 @@ The format counts time in microseconds; sdtrace's nanosecond timestamps are
 written as exact decimals (``12.345``), never through a float, so every
 ``dur`` is exactly the difference of the two hits.
 
+The native file is a stream of TracePackets (perfetto_proto.py encodes them)
+on one packet sequence, the first packet clearing its incremental state:
+
+* that first packet is a clock snapshot of CLOCK_MONOTONIC and
+  CLOCK_BOOTTIME that makes MONOTONIC the trace's clock; every event says it
+  is timed by MONOTONIC (``timestamp_clock_id``), the clock of the records, so
+  its timestamp is the hit's nanoseconds as they are (a packet's clock is
+  BOOTTIME unless it says otherwise);
+* a process and each of its threads get a track descriptor at their first
+  hit, before any event on them, named by the comm of that hit;
+* a pair becomes a TYPE_SLICE_BEGIN and a TYPE_SLICE_END event, the START's
+  arguments on the first and the END's on the second; a hit that is neither,
+  a TYPE_INSTANT event on its thread's track;
+* the slices of one track must nest, as trace processor sorts the events by
+  time (a tie keeping the file's order) and ends the innermost open slice at
+  each END.  A pair is written at its END, so a pair that would overlap a
+  slice already on its thread's track without nesting (two spans of different
+  probes, or ``latency --match`` pairs that interleave) goes on another track
+  of the thread, a *lane*: a child track of the thread's, all named
+  OVERLAP_LANE so that the UI draws them together.  This is what the JSON
+  format cannot show: its viewers draw such slices as if one were inside
+  the other.
+
 ``TraceTimeline`` is the timeline of ``sdtrace trace``: it pairs probes by
 the naming convention USDT providers follow -- ``X__entry``/``X__return``,
 ``X__start``/``X__done``, ``X__begin``/``X__end``, ``X__start``/``X__end``
@@ -25,14 +56,22 @@ function's name, a query's text) or else by the probe, e.g.
 ``python:function``.  ``sdtrace latency`` writes its own pairs, named by the
 matched key.
 """
+import bisect
+import itertools
 import json
+import time
 
 from ..engine.events import ARGS, COMM, PID, SITE, TID, TS
+from . import perfetto_proto as proto
 from .aggregate import Pairer, TimeOrder
 from .output import finite, open_output, quote
 
 # (START suffix, END suffix) in order of preference
 SPAN_SUFFIXES = (("entry", "return"), ("start", "done"), ("begin", "end"), ("start", "end"))
+NATIVE_SUFFIXES = (".pftrace", ".perfetto-trace")   # file names that get the native format
+OVERLAP_LANE = "overlapping slices"                  # the name of a thread's extra tracks
+LANE_MEMORY = 1024         # the most slices a lane remembers exactly (see _Lane)
+SEQUENCE = 1               # the native trace's one packet sequence
 
 
 def _micros(nanoseconds):
@@ -42,37 +81,56 @@ def _micros(nanoseconds):
     return f"{sign}{magnitude // 1000}.{magnitude % 1000:03d}"
 
 
-class TimelineWriter:
-    """Streams trace events to `path`; close() completes the file."""
+def timeline_writer(path):
+    """The timeline writer for `path`: the native format for a .pftrace or .perfetto-trace
+    file, JSON for any other."""
+    native = str(path).lower().endswith(NATIVE_SUFFIXES)
+    return (ProtoTimelineWriter if native else JsonTimelineWriter)(path)
+
+
+class _Timeline:
+    """What both formats take from a hit: its arguments, by name."""
+
+    def __init__(self):
+        self.argument_names = {}     # site -> the names of its arguments
+
+    def _arguments(self, record):
+        """{name: value} for a hit's arguments: the documented names (providers.py) or argN,
+        found at the site's first hit."""
+        site = record[SITE]
+        names = self.argument_names.get(site)
+        if names is None:
+            from ..discovery.providers import argument_names
+
+            count = len(record[ARGS])
+            names = self.argument_names[site] = (argument_names(site.provider, site.name, count)
+                                                 or [f"arg{index}" for index in range(count)])
+        return dict(zip(names, record[ARGS]))
+
+
+class JsonTimelineWriter(_Timeline):
+    """Streams trace events to `path` as Chrome trace-event JSON; close() completes the file."""
 
     def __init__(self, path):
+        super().__init__()
         self.file = open_output(path)
         self.file.write('{"displayTimeUnit": "ns", "traceEvents": [\n')
         self.separator = ""
         self.threads = {}        # tid -> (pid, comm)
         self.processes = {}      # pid -> comm of its main thread, or of its first hit
-        self.sites = {}          # site -> (argument names, the head of its instant events)
+        self.heads = {}          # site -> the head of its instant events
 
-    def _site(self, record):
-        """(argument names, instant event head) of the record's site, made at
-        its first hit: the names are the documented ones (providers.py) or argN."""
-        site = record[SITE]
-        known = self.sites.get(site)
-        if known is None:
-            from ..discovery.providers import argument_names
+    def _head(self, site):
+        """The head of `site`'s instant events, made at its first hit."""
+        head = self.heads.get(site)
+        if head is None:
+            head = self.heads[site] = (f'{{"ph": "i", "s": "t", "name": {quote(site.probe)}, '
+                                       f'"cat": {quote(site.provider)}, ')
+        return head
 
-            argument_count = len(record[ARGS])
-            names = (argument_names(site.provider, site.name, argument_count)
-                     or [f"arg{index}" for index in range(argument_count)])
-            head = (f'{{"ph": "i", "s": "t", "name": {quote(site.probe)}, '
-                    f'"cat": {quote(site.provider)}, ')
-            known = self.sites[site] = (names, head)
-        return known
-
-    def _arguments(self, record):
-        """{name: value} for a hit's arguments."""
-        names, _head = self._site(record)
-        return {name: finite(value) for name, value in zip(names, record[ARGS])}
+    def _json_arguments(self, record):
+        """{name: value} for a hit's arguments, as JSON can hold them."""
+        return {name: finite(value) for name, value in self._arguments(record).items()}
 
     def _event(self, text):
         self.file.write(self.separator + text)
@@ -88,7 +146,7 @@ class TimelineWriter:
         """A complete event on the START's thread, from START to END."""
         self._note(start)
         self._note(end)
-        args = {"start": self._arguments(start), "end": self._arguments(end)}
+        args = {"start": self._json_arguments(start), "end": self._json_arguments(end)}
         self._event(f'{{"ph": "X", "name": {quote(name)}, "cat": {quote(category)}, '
                     f'"ts": {_micros(start[TS])}, "dur": {_micros(end[TS] - start[TS])}, '
                     f'"pid": {start[PID]}, "tid": {start[TID]}, "args": {json.dumps(args)}}}')
@@ -96,9 +154,8 @@ class TimelineWriter:
     def instant(self, record):
         """An instant event on the hit's thread."""
         self._note(record)
-        _names, head = self._site(record)
-        self._event(f'{head}"ts": {_micros(record[TS])}, "pid": {record[PID]}, '
-                    f'"tid": {record[TID]}, "args": {json.dumps(self._arguments(record))}}}')
+        self._event(f'{self._head(record[SITE])}"ts": {_micros(record[TS])}, "pid": {record[PID]}, '
+                    f'"tid": {record[TID]}, "args": {json.dumps(self._json_arguments(record))}}}')
 
     def close(self):
         """Write the names of every process and thread seen, and end the file."""
@@ -111,6 +168,139 @@ class TimelineWriter:
             self._event(json.dumps({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid,
                                     "args": {"name": comm}}))
         self.file.write("\n]}\n")
+        self.file.close()
+
+
+def _annotation(name, value):
+    """The DebugAnnotation of a named value: a dict's items nest, and None (a value that
+    could not be read) is a name alone."""
+    if isinstance(value, dict):
+        return {"name": name, "dict_entries": [_annotation(*item) for item in value.items()]}
+    if value is None:
+        return {"name": name}
+    if isinstance(value, bool):
+        return {"name": name, "bool_value": value}
+    if isinstance(value, int):
+        return {"name": name, ("int_value" if value < 1 << 63 else "uint_value"): value}
+    if isinstance(value, float):
+        return {"name": name, "double_value": value}
+    return {"name": name, "string_value": str(value)}
+
+
+class _Lane:
+    """A track of one thread, and what a slice must know to go on it without
+    breaking the nesting of those already there.
+
+    Slices come at their END, so in the order of their ends (a slice that ends
+    before the lane's last end is refused: it could fall inside a slice whose
+    children are forgotten).  A slice [start, end] fits when no slice on the lane
+    has ``its start <= start < its end``; once placed, it contains every slice
+    that started after it, and those are forgotten.  What is remembered is the
+    outermost slices, disjoint, in order: ``starts`` and ``ends``.  Past
+    LANE_MEMORY of them the older half becomes one interval, from the first's
+    start to the last's end; that only ever refuses a slice that would have
+    fitted in a gap between them, sending it to another lane."""
+    __slots__ = ("uuid", "starts", "ends")
+
+    def __init__(self, uuid):
+        self.uuid = uuid
+        self.starts = []
+        self.ends = []
+
+    def fits(self, start, end):
+        if self.ends and end < self.ends[-1]:
+            return False
+        before = bisect.bisect_right(self.starts, start) - 1
+        return before < 0 or self.ends[before] <= start
+
+    def place(self, start, end):
+        inside = bisect.bisect_right(self.starts, start)
+        del self.starts[inside:], self.ends[inside:]
+        self.starts.append(start)
+        self.ends.append(end)
+        if len(self.starts) > LANE_MEMORY:
+            half = LANE_MEMORY // 2
+            self.starts[:half] = self.starts[:1]
+            self.ends[:half] = self.ends[half - 1:half]
+
+
+class ProtoTimelineWriter(_Timeline):
+    """Streams trace events to `path` in Perfetto's native protobuf format; close()
+    completes the file."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.file = open_output(path).detach()     # the file's buffer, written in bytes
+        self.uuids = itertools.count(1)
+        self.processes = {}      # pid -> the uuid of its track
+        self.threads = {}        # tid -> its lanes, its own track's first
+        self._packet({"sequence_flags": proto.SEQ_INCREMENTAL_STATE_CLEARED, "clock_snapshot": {
+            "clocks": [{"clock_id": proto.BUILTIN_CLOCK_MONOTONIC,
+                        "timestamp": time.clock_gettime_ns(time.CLOCK_MONOTONIC)},
+                       {"clock_id": proto.BUILTIN_CLOCK_BOOTTIME,
+                        "timestamp": time.clock_gettime_ns(time.CLOCK_BOOTTIME)}],
+            "primary_trace_clock": proto.BUILTIN_CLOCK_MONOTONIC}})
+
+    def _packet(self, fields):
+        fields["trusted_packet_sequence_id"] = SEQUENCE
+        self.file.write(proto.packet(fields))
+
+    def _event(self, timestamp, event):
+        self._packet({"timestamp": timestamp,
+                      "timestamp_clock_id": proto.BUILTIN_CLOCK_MONOTONIC, "track_event": event})
+
+    def _lanes(self, record):
+        """The lanes of the hit's thread; its process's track and its own are described
+        at its first hit."""
+        tid = record[TID]
+        lanes = self.threads.get(tid)
+        if lanes is None:
+            pid, comm = record[PID], record[COMM] or "?"
+            process = self.processes.get(pid)
+            if process is None:
+                process = self.processes[pid] = next(self.uuids)
+                self._packet({"track_descriptor": {
+                    "uuid": process, "process": {"pid": pid, "process_name": comm}}})
+            lanes = self.threads[tid] = [_Lane(next(self.uuids))]
+            self._packet({"track_descriptor": {
+                "uuid": lanes[0].uuid, "parent_uuid": process,
+                "thread": {"pid": pid, "tid": tid, "thread_name": comm}}})
+        return lanes
+
+    def _lane(self, lanes, start, end):
+        """The uuid of the first lane the slice from `start` to `end` fits, a new one if none."""
+        for lane in lanes:
+            if lane.fits(start, end):
+                break
+        else:
+            lane = _Lane(next(self.uuids))
+            lanes.append(lane)
+            self._packet({"track_descriptor": {
+                "uuid": lane.uuid, "parent_uuid": lanes[0].uuid, "name": OVERLAP_LANE}})
+        lane.place(start, end)
+        return lane.uuid
+
+    def slice(self, name, start, end, category):
+        """A slice on a lane of the START's thread, from START to END."""
+        track = self._lane(self._lanes(start), start[TS], end[TS])
+        self._event(start[TS], {
+            "type": proto.TYPE_SLICE_BEGIN, "track_uuid": track, "name": name,
+            "categories": [category],
+            "debug_annotations": [_annotation("start", self._arguments(start))]})
+        self._event(end[TS], {
+            "type": proto.TYPE_SLICE_END, "track_uuid": track,
+            "debug_annotations": [_annotation("end", self._arguments(end))]})
+
+    def instant(self, record):
+        """An instant event on the hit's thread's own track."""
+        site = record[SITE]
+        self._event(record[TS], {
+            "type": proto.TYPE_INSTANT, "track_uuid": self._lanes(record)[0].uuid,
+            "name": site.probe, "categories": [site.provider],
+            "debug_annotations": [_annotation(*item)
+                                  for item in self._arguments(record).items()]})
+
+    def close(self):
         self.file.close()
 
 
@@ -163,7 +353,7 @@ class TraceTimeline:
 
         self.session = session
         self.lines = lines
-        self.timeline = TimelineWriter(path)
+        self.timeline = timeline_writer(path)
         self.order = TimeOrder()
         self.pairer = None
         self.spans = {}          # START site -> (its label's argument positions, span name)
