@@ -90,6 +90,24 @@ def _add_session_options(parser):
                              "\"truncated\": [argument indexes])")
 
 
+def _add_export_options(parser, max_keys=True):
+    """--prometheus, --otlp and --metric of count, hist and latency (present/export)."""
+    parser.add_argument("--prometheus", metavar="[HOST:]PORT",
+                        help="serve the results at http://HOST:PORT/metrics while tracing, "
+                             "refreshed every second (count: every --interval); HOST is "
+                             "127.0.0.1 unless given. Needs sdtrace[prometheus]")
+    parser.add_argument("--otlp", metavar="ENDPOINT",
+                        help="push the results as OTLP metrics, and latency pairs as spans, to "
+                             "an OTLP/HTTP collector: http://HOST:PORT or [HOST:]PORT. Needs "
+                             "sdtrace[otlp]")
+    parser.add_argument("--metric", metavar="NAME",
+                        help="the exported metric's name (default: sdtrace_ and the probe)")
+    if max_keys:
+        parser.add_argument("--max-keys", type=int, metavar="N",
+                            help="count at most N keys in the kernel (bpf executor) and export "
+                                 "at most N key sets (default 65536)")
+
+
 DEBUG_HELP = ("log what sdtrace decides and does (semaphore mode, uprobe definitions, perf "
               "fds, counters, timings) to stderr")
 
@@ -136,9 +154,11 @@ def build_parser():
     count.add_argument("--top", type=int, metavar="N", help="show the N largest counts")
     count.add_argument("--max-keys", type=int, metavar="N",
                        help="bpf executor: count at most N keys in the kernel (default 65536); "
-                            "hits of keys beyond are counted as not counted, never silently")
+                            "hits of keys beyond are counted as not counted, never silently; "
+                            "--prometheus and --otlp export at most N key sets")
     count.add_argument("--interval", type=float, metavar="S",
                        help="also print the counts of every S seconds")
+    _add_export_options(count, max_keys=False)
     count.add_argument("specs", nargs="+", metavar="SPEC")
     count.set_defaults(run=run_count)
 
@@ -152,6 +172,7 @@ def build_parser():
                       help="the argument: its number, or its name")
     hist.add_argument("--by", metavar="KEY[,KEY...]", help="one histogram per KEY")
     hist.add_argument("--linear", metavar="MIN,MAX,STEP", help="linear buckets")
+    _add_export_options(hist)
     hist.add_argument("specs", nargs="+", metavar="SPEC")
     hist.set_defaults(run=run_hist)
 
@@ -174,6 +195,7 @@ def build_parser():
                          help="also write the pairs as a timeline to FILE: Perfetto's native "
                               "protobuf trace if FILE ends in .pftrace or .perfetto-trace, "
                               "else Chrome trace-event JSON")
+    _add_export_options(latency)
     latency.add_argument("start", metavar="START_SPEC")
     latency.add_argument("end", metavar="END_SPEC")
     latency.set_defaults(run=run_latency)
@@ -306,6 +328,15 @@ def _emit(lines, limit, written, sink, counts, timeline=None):
     return len(lines)
 
 
+def _exported(args, specs, plan, *hooks, **named_hooks):
+    """runner.aggregate, exporting as --prometheus and --otlp ask (present/export)."""
+    from .present import runner
+    from .present.export import open_exports
+
+    with open_exports(args, plan) as exports:
+        return runner.aggregate(args, specs, plan, *hooks, exports=exports, **named_hooks)
+
+
 def run_count(args):
     from .present import aggregate, report, runner
 
@@ -322,7 +353,7 @@ def run_count(args):
             sys.stdout.write(f"{elapsed:.3f} s\n{report.count_table(delta, args.top)}\n")
         sys.stdout.flush()
 
-    result, session = runner.aggregate(args, args.specs, plan, args.interval,
+    result, session = _exported(args, args.specs, plan, args.interval,
                                  on_interval if args.interval else None)
     sys.stdout.write(report.count_json(result, args.top) if args.json
                      else report.count_table(result, args.top))
@@ -336,7 +367,7 @@ def run_hist(args):
         aggregate.parse_key(args.arg),
         aggregate.parse_keys(args.by) if args.by else (),
         aggregate.parse_linear(args.linear) if args.linear else None)
-    result, session = runner.aggregate(args, args.specs, plan)
+    result, session = _exported(args, args.specs, plan)
     if result.missing:
         runner.warn(f"{result.missing} hits had no value (the argument was unavailable)")
     sys.stdout.write(report.histograms_json(result) if args.json
@@ -364,7 +395,7 @@ def run_latency(args):
         on_pair = lambda start, end, label: timeline.slice(  # noqa: E731
             label, start, end, start[events.SITE].probe)
     try:
-        result, session = runner.aggregate(args, [args.start, args.end, *args.arm], plan,
+        result, session = _exported(args, [args.start, args.end, *args.arm], plan,
                                      on_pair=on_pair)
     finally:
         if timeline is not None:

@@ -60,23 +60,28 @@ def say_session_end(session):
         sys.stderr.write(f"sdtrace: {session.command_ending}\n")
 
 
-def aggregate(args, specs, plan, interval=None, on_interval=None, on_pair=None):
+def aggregate(args, specs, plan, interval=None, on_interval=None, on_pair=None, exports=None):
     """Run `plan` (present.aggregate) on a session of `specs`; return (its result, the session).
 
     Ends at -d, Ctrl-C/SIGTERM or the exit of -c's command, always with the
     final result; `on_interval(aggregator, elapsed seconds)` runs every
-    `interval` seconds.
+    `interval` seconds.  `exports` (present.export.Exports) get a snapshot
+    every interval, and the pairs.
     """
     import time
 
     from . import aggregate as aggregations
 
+    if exports is not None:
+        interval, on_interval, on_pair = exports.hooks(interval, on_interval, on_pair)
     stop = StopFlag()
     tally = None if on_pair else aggregations.tally_for(         # a timeline needs the records
         plan, getattr(args, "max_keys", None) or aggregations.DEFAULT_MAX_KEYS)
     session = open_session(specs, args, tally)
     with session:
         aggregator = aggregations.KernelExecutor(session).aggregator(plan, on_pair)
+        if exports is not None:
+            exports.attach(session, aggregator)
         sys.stderr.write(f"sdtrace: tracing {len(session.sites)} site(s); Ctrl-C to end\n")
         started = time.monotonic()
         for batch in session.batches(None, args.duration, lambda: stop.requested, interval,
