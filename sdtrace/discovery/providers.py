@@ -221,6 +221,29 @@ SPAN_LABELS = {
 }
 
 
+# -- Runtimes' rules: what must be true besides an armed site for a probe to fire.
+#
+# Semaphores to raise without arming their probe, per provider: {probe: the
+# probe whose semaphore it needs}.  CPython 3.11 (Python/ceval.c) reaches its
+# function__entry and function__return markers for Python-to-Python calls
+# only on its tracing path, which it takes while the line marker's semaphore
+# is raised (PyDTrace_LINE_ENABLED() turns cframe.use_tracing on); without
+# it, a traced function__entry counts only the frames entered from C.
+# Raising that semaphore alone costs nothing per line; arming line would
+# cost a trap per line.  The session raises it as its own holding (the
+# user-space semaphore manager, in either semaphore mode), exactly once per
+# process and lowered at the end, and says so in one line.
+SEMAPHORE_COMPANIONS = {
+    "python": {"function__entry": "line", "function__return": "line"},
+}
+
+
+def semaphore_companion(provider, name):
+    """The probe of `provider` whose semaphore must be raised for ``provider:name``
+    to fire (SEMAPHORE_COMPANIONS), or None."""
+    return SEMAPHORE_COMPANIONS.get(provider, {}).get(name)
+
+
 class ProbeArguments(namedtuple("ProbeArguments", "names types")):
     """The documented arguments of one probe: a name per position, and per
     position ``"str"`` (a NUL-terminated string) or None (a number)."""

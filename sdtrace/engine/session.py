@@ -138,13 +138,15 @@ class Session:
             self.warnings.append("--string-size applies to the bpf executor: the tracefs "
                                  "executor reads whole strings")
         user_mode = self.semaphores == "user"
+        companions = self._companions(selected)
+        raising = user_mode or bool(companions)      # sdtrace writes counters itself
         if self.command is not None:
             from .command import Command
 
-            self._command = Command(self.command, on_load=self._raise_in if user_mode else None,
-                                    on_patch=self._guard_patch if user_mode else None)
+            self._command = Command(self.command, on_load=self._raise_in if raising else None,
+                                    on_patch=self._guard_patch if raising else None)
             self.child = self._command.start()
-        if user_mode:
+        if raising:
             from ..kernel import procfs
             from ..semaphores import guardian, manager
 
@@ -153,8 +155,9 @@ class Session:
                 scope = lambda pid: procfs.descends_from(pid, self.child)  # noqa: E731
             else:
                 scope = None if self.pid is None else {self.pid}
+            armed = [probe for probe, _spec in selected] if user_mode else []
             self._manager = manager.SemaphoreManager.for_probes(
-                [probe for probe, _spec in selected], scope=scope, warn=self.warnings.append)
+                armed + companions, scope=scope, warn=self.warnings.append)
         self._executor = self._arm(selected)
         self.sites = self._executor.sites
         self.warnings.extend(self._executor.warnings)
@@ -216,6 +219,30 @@ class Session:
         """User mode: the guardian undoes the command's loader int3 if this process dies."""
         if self._manager is not None:
             self._manager.guard_patch(patch, planted)
+
+    def _companions(self, selected):
+        """The sites whose semaphore is raised without arming them, because a selected
+        probe fires only while it is (providers.SEMAPHORE_COMPANIONS); each is said
+        in one line.  A companion selected itself is armed as usual instead."""
+        from ..discovery import notes, providers
+
+        chosen = {(site.file, site.provider, site.name) for site, _spec in selected}
+        needed = {}          # (file, provider, companion) -> the name of a probe needing it
+        for site, _spec in selected:
+            companion = providers.semaphore_companion(site.provider, site.name)
+            key = (site.file, site.provider, companion)
+            if companion is not None and key not in chosen:
+                needed.setdefault(key, site.name)
+        companions = []
+        for (path, provider, companion), name in needed.items():
+            sites = [site for site in notes.read_probes(path) if site.provider == provider
+                     and site.name == companion and site.semaphore is not None]
+            if sites:
+                companions += sites
+                self.warnings.append(
+                    f"raising {provider}:{companion}'s semaphore without arming it: "
+                    f"{provider}:{name} fires for every call only while it is raised")
+        return companions
 
     def _select(self):
         parsed = [specs.parse_spec(text) for text in self.spec_texts]

@@ -1,0 +1,102 @@
+"""Runtimes' quirks, handled by the session for every command (providers.SEMAPHORE_COMPANIONS).
+
+CPython 3.11 fires function__entry/function__return for Python-to-Python calls
+only while python:line's semaphore is raised: the session raises it without
+arming python:line, once per process, and lowers it at the end, in both
+semaphore modes and on both executors.
+"""
+import json
+import os
+import subprocess
+import time
+
+import pytest
+
+from helpers import SYSTEM_PYTHON, counter, holds_for, sdtrace, sdtrace_command, \
+    semaphore_offsets, summary_counts, wait_for
+
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("executor"),
+              pytest.mark.skipif(not os.path.exists(SYSTEM_PYTHON),
+                                 reason="Debian's python3.11 is not installed")]
+
+CALLS = 20_000
+SCRIPT = """\
+import sys
+def f(x):
+    return x + 1
+def g(x):
+    return f(x) * 2
+if len(sys.argv) > 2:
+    print("ready", flush=True)
+    sys.stdin.readline()
+for i in range(int(sys.argv[1])):
+    g(i)
+print("done", flush=True)
+sys.stdin.readline() if len(sys.argv) > 2 else None
+"""
+COMPANION_LINE = "raising python:line's semaphore without arming it"
+
+
+def _line_semaphore():
+    [offset] = set(semaphore_offsets(SYSTEM_PYTHON, "line").values())
+    return offset
+
+
+@pytest.mark.parametrize("semaphores", ["kernel", "user"])
+def test_every_python_call_is_counted_without_arming_line(tmp_path, semaphores):
+    script = tmp_path / "calls.py"
+    script.write_text(SCRIPT)
+    result = sdtrace("count", "--json", "--semaphores", semaphores, "--by", "funcname",  # 'done' first
+                     "-c", f"{SYSTEM_PYTHON} {script} {CALLS}", "python:function__entry")
+    assert result.returncode == 0, result.stderr
+    counts = {row["funcname"]: row["count"] for row in map(json.loads, result.stdout.splitlines()[1:])}
+    assert counts["f"] == counts["g"] == CALLS
+    lines = result.stderr.splitlines()
+    assert sum(COMPANION_LINE in line for line in lines) == 1, result.stderr
+    assert "sdtrace: tracing 1 site(s); Ctrl-C to end" in lines    # function__entry's alone
+    assert summary_counts(result.stderr)[1] == 0
+
+
+@pytest.mark.parametrize("semaphores", ["kernel", "user"])
+def test_the_line_semaphore_is_raised_once_and_lowered(tmp_path, semaphores):
+    script = tmp_path / "calls.py"
+    script.write_text(SCRIPT)
+    offset = _line_semaphore()
+    target = subprocess.Popen([SYSTEM_PYTHON, str(script), str(CALLS), "wait"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    tracer = None
+    try:
+        assert target.stdout.readline() == "ready\n"
+        assert counter(target.pid, SYSTEM_PYTHON, offset) == 0
+        tracer = subprocess.Popen(
+            sdtrace_command("count", "--json", "--semaphores", semaphores, "--by", "funcname",
+                            "-p", str(target.pid), "python:function__entry"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert wait_for(lambda: counter(target.pid, SYSTEM_PYTHON, offset) == 1, 30)
+        assert holds_for(lambda: counter(target.pid, SYSTEM_PYTHON, offset) == 1, 0.5)
+        time.sleep(0.5)          # the session reads its first batches
+        target.stdin.write("go\n")
+        target.stdin.flush()
+        assert target.stdout.readline() == "done\n"
+        tracer.send_signal(2)
+        out, err = tracer.communicate(timeout=60)
+        assert tracer.returncode == 0, err
+        assert counter(target.pid, SYSTEM_PYTHON, offset) == 0      # lowered at the end
+        counts = {row["funcname"]: row["count"] for row in map(json.loads,
+                                                               out.splitlines())}
+        assert counts["f"] == counts["g"] == CALLS
+    finally:
+        if tracer is not None and tracer.poll() is None:
+            tracer.kill()
+            tracer.communicate()
+        target.kill()
+        target.communicate()
+
+
+def test_a_line_traced_too_is_armed_as_usual(tmp_path):
+    script = tmp_path / "calls.py"
+    script.write_text(SCRIPT)
+    result = sdtrace("count", "-c", f"{SYSTEM_PYTHON} {script} 100", "python:function__entry",
+                     "python:line")
+    assert result.returncode == 0, result.stderr
+    assert COMPANION_LINE not in result.stderr
