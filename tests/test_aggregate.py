@@ -367,6 +367,26 @@ def test_keys_beyond_max_keys_are_counted_as_not_counted(fixtures, executor):
 
 
 
+def test_a_key_hit_on_a_second_cpu_keeps_its_extremes(fixtures):
+    """A key's statistics are per CPU: the slot of the second CPU to hit a key starts at
+    zeros, and takes its first value as its minimum and maximum (values:signed's arg0 is
+    -128: a maximum compared with a zero slot would be 0)."""
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs two CPUs")
+    first, second = sorted(os.sched_getaffinity(0))[:2]
+    with Target(fixtures.path("values")) as target:
+        os.sched_setaffinity(target.pid, {first})
+        tracer = aggregate_in_background("hist", "--arg", "0", "-p", str(target.pid),
+                                         "values:signed")
+        target.send("fire 1")
+        os.sched_setaffinity(target.pid, {second})
+        target.send("fire 1")
+        tracer.send_signal(signal.SIGINT)
+        out, err = tracer.communicate(timeout=60)
+    [row] = json_rows(out)
+    assert (row["count"], row["min"], row["max"]) == (2, -128, -128), err
+
+
 @pytest.mark.parametrize("executor", ["bpf"], indirect=True)     # both are run here
 @pytest.mark.parametrize("probe, argument", [("values:signed", index) for index in range(4)]
                          + [("values:unsigned", 3), ("values:ints", 6)])

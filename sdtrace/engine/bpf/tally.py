@@ -321,6 +321,9 @@ class TallyMaps:
     def _statistics(self, code, name, unsigned):
         """stats[key] += (1, R9) and its minimum and maximum, or inserted as (1, R9, R9, R9).
 
+        The map is per CPU: a key another CPU inserted has zeros in this CPU's slot, so
+        a slot whose count is 0 takes R9 as its minimum and maximum before comparing.
+
         The sum is 128 bits wide, so that it never wraps: the low word gets R9, the high
         word R9's sign and the carry; being two words it is not added atomically (a
         sleepable program preempted on its CPU between them by the same key's hit is
@@ -329,6 +332,11 @@ class TallyMaps:
         for attempt in (0, 1):
             label = f"{name}_stats_insert{attempt}"
             _look_up_key(code, self.stats.fd, label)
+            code.load(8, R1, R0, STATS_OFFSETS["count"])          # this CPU's first hit of a
+            code.jump("jne", R1, 0, f"{name}_stats_seen{attempt}")  # key another CPU inserted:
+            code.store(8, R0, STATS_OFFSETS["minimum"], R9)       # its extremes are R9, not 0
+            code.store(8, R0, STATS_OFFSETS["maximum"], R9)
+            code.label(f"{name}_stats_seen{attempt}")
             code.mov(R1, 1)
             code.atomic_add(8, R0, STATS_OFFSETS["count"], R1)
             code.load(8, R1, R0, STATS_OFFSETS["sum"])
