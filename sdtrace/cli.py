@@ -281,7 +281,7 @@ def run_trace(args):
     from .present import output, runner
 
     stop = runner.StopFlag()
-    session = runner.open_session(args.specs, args)
+    session = runner.open_session(args.specs, args, stop=stop)
     sink = sys.stdout if args.output is None else output.open_output(args.output)
     lines = output.LineEmitter(args.json)
     timeline = None

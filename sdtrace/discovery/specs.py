@@ -98,13 +98,15 @@ def context_objects(pid=None, command=None, warn=None):
     return ()
 
 
-def select_probes(specs, context=()):
+def select_probes(specs, context=(), waiting=None):
     """[(site, spec)] for every site that a spec selects, each site once, in order.
 
     `context` holds the targets.ObjectFiles searched by specs without a target
     (and matched first by a spec's target).  A spec that selects nothing is an
-    error naming the spec and where it looked; a site several specs select
-    keeps the first spec (and its types).
+    error naming the spec and where it looked -- unless `waiting` is a list
+    and the spec has no target: it then goes in that list, to wait for an
+    object the process maps later; a site several specs select keeps the
+    first spec (and its types).
     """
     from . import notes, targets
 
@@ -131,7 +133,9 @@ def select_probes(specs, context=()):
             identity, sites = sites_of(path)
             noted = noted or bool(sites)
             found += [(identity, site) for site in sites if spec.matches(site)]
-        if not found:
+        if not found and waiting is not None and spec.target is None:
+            waiting.append(spec)
+        elif not found:
             raise _not_found(spec, files, noted, context)
         for identity, site in found:   # one file may be named by several paths (symlinks)
             selected.setdefault((identity, site.offset, site.provider, site.name), (site, spec))

@@ -66,7 +66,7 @@ class Session:
 
     def __init__(self, probe_specs, pid=None, command=None, buffer_pages=None,
                  semaphores="auto", warn=None, keep_command=False, executor="auto",
-                 string_size=None, tally=None):
+                 string_size=None, tally=None, stop=None):
         if pid is not None and command is not None:
             raise SdtraceError("give a PID or a command, not both")
         for label, value, choices in (("semaphores", semaphores, SEMAPHORE_MODES),
@@ -96,6 +96,8 @@ class Session:
         self.late_raises = []    # user mode, at close(): (pid, comm, seconds) raised after exec
         self._manager = None     # semaphores.manager.SemaphoreManager, in user mode
         self._executor = None    # the executor's object, once armed
+        self._loaded = None      # a command's specs waiting for an object: _Loaded
+        self.stop = stop         # stop(): true when the user asked to stop (while waiting)
 
     @property
     def lost(self):
@@ -128,9 +130,31 @@ class Session:
             _log.debug("semaphores: %s, chosen by auto: %s", self.semaphores, why)
         else:
             _log.debug("semaphores: %s, as asked", self.semaphores)
-        selected = self._select()
+        selected, waiting = self._select()
+        if self.command is not None:
+            from .command import Command
+
+            holding = (waiting or self.semaphores == "user"
+                       or bool(self._companions(selected, quiet=True)))
+            self._command = Command(self.command, on_load=self._on_load if holding else None,
+                                    on_patch=self._guard_patch if holding else None)
+            self.child = self._command.start()
+        if waiting:
+            selected = self._wait_for(waiting, selected)
+        self._arm_selected(selected)
+        if self._command is not None:
+            if waiting:
+                self._loaded.armed.set()     # the command, stopped at that load, goes on
+            else:
+                self._command.release()
+            self.warnings.extend(self._command.warnings)
+        _log.debug("attached %d site(s) with the %s executor in %.3f s", len(self.sites),
+                   self.executor, time.monotonic() - started)
+
+    def _arm_selected(self, selected):
+        """Choose the executor, start raising what sdtrace raises itself, arm `selected`."""
         self.executor, why = choose_executor(self.executor,
-                                                 {site.machine for site, _spec in selected})
+                                             {site.machine for site, _spec in selected})
         _log.debug("executor: %s (%s)", self.executor, why)
         if self.executor == "tracefs" and why.startswith(FALLBACK):
             self.warnings.append(f"executor: tracefs, {why}")
@@ -139,14 +163,7 @@ class Session:
                                  "executor reads whole strings")
         user_mode = self.semaphores == "user"
         companions = self._companions(selected)
-        raising = user_mode or bool(companions)      # sdtrace writes counters itself
-        if self.command is not None:
-            from .command import Command
-
-            self._command = Command(self.command, on_load=self._raise_in if raising else None,
-                                    on_patch=self._guard_patch if raising else None)
-            self.child = self._command.start()
-        if raising:
+        if user_mode or companions:          # sdtrace writes counters itself
             from ..kernel import procfs
             from ..semaphores import guardian, manager
 
@@ -164,11 +181,71 @@ class Session:
         self._executor.enable()
         if self._manager is not None:
             self._manager.start()
-        if self._command is not None:
+
+    def _wait_for(self, waiting, selected):
+        """The sites of every spec, selected in the objects of the traced process once
+        those of `waiting` (specs that matched nothing yet) are mapped there too.
+
+        A command runs, stopped at each of its library loads (command.py) until one
+        maps them; it stays stopped there while the session arms, so no hit after
+        that load is missed.  A process (-p) is re-read every WAIT_POLL seconds.
+        Hits of the specs that matched from the start are not seen before then."""
+        names = ", ".join(spec.text for spec in waiting)
+        whose = "-c's command" if self.command is not None else f"process {self.pid}"
+        self.warnings.append(f"waiting for {names}: nothing {whose} maps has it yet; armed "
+                             "when an object that has it is loaded")
+        if selected:
+            self.warnings.append(f"the other specs are armed then too: their hits before "
+                                 f"are not seen")
+        parsed = [specs.parse_spec(text) for text in self.spec_texts]
+        if self.command is not None:
+            self._loaded = _Loaded(waiting)
             self._command.release()
-            self.warnings.extend(self._command.warnings)
-        _log.debug("attached %d site(s) with the %s executor in %.3f s", len(self.sites),
-                   self.executor, time.monotonic() - started)
+            while not self._loaded.matched.wait(WAIT_POLL):
+                if self._command.exit_status is not None:
+                    raise SdtraceError(f"{names}: matched nothing in what the command loaded "
+                                       "before it exited")
+                self._check_stop(names)
+            return specs.select_probes(parsed, self._loaded.objects)
+        from ..discovery import targets
+        from ..kernel import procfs
+
+        starttime = procfs.read_starttime(self.pid)
+        while True:
+            try:
+                objects = targets.process_objects(self.pid, self.warnings.append)
+            except SdtraceError:
+                objects = None
+            if objects is not None and _all_match(waiting, objects):
+                return specs.select_probes(parsed, objects)
+            if not procfs.alive(self.pid, starttime):
+                raise SdtraceError(f"{names}: matched nothing in what process {self.pid} "
+                                   "mapped before it exited")
+            self._check_stop(names)
+            time.sleep(WAIT_POLL)
+
+    def _check_stop(self, names):
+        if self.stop is not None and self.stop():
+            raise SdtraceError(f"stopped while waiting for {names}")
+
+    def _on_load(self, pid):
+        """At a stop of the command after it mapped objects (its thread): arm what waited
+        for them, or raise sdtrace's counters in that process."""
+        loaded = self._loaded
+        if loaded is not None and not loaded.matched.is_set():
+            from ..discovery import targets
+
+            try:
+                objects = targets.process_objects(pid)
+            except SdtraceError:
+                return
+            if _all_match(loaded.waiting, objects):
+                loaded.objects = objects
+                loaded.matched.set()
+                loaded.armed.wait()          # the session arms; this process stands still
+            return
+        if self._manager is not None:
+            self._manager.rescan([pid])
 
     def _arm(self, selected):
         sites = [site for site, _spec in selected]
@@ -176,8 +253,10 @@ class Session:
         if self.executor == "tracefs":
             from .tracefs.executor import TracefsExecutor
 
+            running = self._loaded is not None        # a command past its exec: as -p
             return TracefsExecutor(sites, [spec.types for _site, spec in selected],
-                                   pid=self.pid, child=self.child,
+                                   pid=self.child if running else self.pid,
+                                   child=None if running else self.child,
                                    kernel_semaphores=kernel_semaphores,
                                    buffer_pages=self.buffer_pages)
         from . import fetchargs
@@ -211,19 +290,15 @@ class Session:
         """With counting_in_kernel a histogram: the hits whose value could not be read."""
         return self._executor.missing()
 
-    def _raise_in(self, pid):
-        """User mode: raise the session's counters in process `pid` (and keep them raised)."""
-        self._manager.rescan([pid])
-
     def _guard_patch(self, patch, planted):
         """User mode: the guardian undoes the command's loader int3 if this process dies."""
         if self._manager is not None:
             self._manager.guard_patch(patch, planted)
 
-    def _companions(self, selected):
+    def _companions(self, selected, quiet=False):
         """The sites whose semaphore is raised without arming them, because a selected
         probe fires only while it is (providers.SEMAPHORE_COMPANIONS); each is said
-        in one line.  A companion selected itself is armed as usual instead."""
+        in one line unless `quiet`.  A companion selected itself is armed as usual."""
         from ..discovery import notes, providers
 
         chosen = {(site.file, site.provider, site.name) for site, _spec in selected}
@@ -239,20 +314,22 @@ class Session:
                      and site.name == companion and site.semaphore is not None]
             if sites:
                 companions += sites
-                self.warnings.append(
+                quiet or self.warnings.append(
                     f"raising {provider}:{companion}'s semaphore without arming it: "
                     f"{provider}:{name} fires for every call only while it is raised")
         return companions
 
     def _select(self):
+        """(the sites the specs select now, the specs that wait: -p/-c only)."""
         parsed = [specs.parse_spec(text) for text in self.spec_texts]
         if not parsed:
             raise SdtraceError("no probe spec given")
+        waiting = [] if self.pid is not None or self.command is not None else None
         selected = specs.select_probes(
-            parsed, specs.context_objects(self.pid, self.command, self.warnings.append))
+            parsed, specs.context_objects(self.pid, self.command, self.warnings.append), waiting)
         for site, _spec in selected:
             site.check_armable()
-        return selected
+        return selected, waiting
 
     # -- streaming -----------------------------------------------------------
 
@@ -356,6 +433,28 @@ class Session:
             _log.debug("%s", self.command_ending)
 
 
+class _Loaded:
+    """Between a command's thread and the session: the specs waiting for an object, the
+    objects of the process that maps one (set with `matched`), and `armed`, set once
+    the session has armed them."""
+
+    def __init__(self, waiting):
+        import threading
+
+        self.waiting = waiting
+        self.objects = None
+        self.matched = threading.Event()
+        self.armed = threading.Event()
+
+
+def _all_match(waiting, objects):
+    """Whether every spec of `waiting` selects a site in `objects` (targets.ObjectFiles)."""
+    from ..discovery import notes
+
+    sites = [site for item in objects for site in notes.read_probes(item.path)]
+    return all(any(spec.matches(site) for site in sites) for spec in waiting)
+
+
 class _Warnings(list):
     """The session's warnings: each one added is also passed to the `warn` callback."""
 
@@ -435,6 +534,7 @@ BPF_FEATURES = ("bpf", "bpf_ringbuf")
 BPF_LINKS = ("bpf_uprobe_multi", "uprobe_pmu")    # either arms sites (bpf/executor.LINKS)
 FALLBACK = "since the bpf executor cannot run here:"
 MAX_STRING_SIZE = 4096
+WAIT_POLL = 0.1          # seconds between checks of specs that wait for an object
 # Bytes of records decoded per read_records() (~3,000 records, ~5 ms): a reader behind
 # a burst goes back to the buffers that often, and they absorb the burst.
 DRAIN_BYTES = 256 << 10

@@ -32,15 +32,17 @@ class StopFlag:
         self.requested = True
 
 
-def open_session(specs, args, tally=None):
+def open_session(specs, args, tally=None, stop=None):
     """The engine.session.Session of `specs` that the session options of `args` ask for
-    (counting in the kernel by `tally` where the executor can)."""
+    (counting in the kernel by `tally` where the executor can; a StopFlag `stop` also
+    ends a wait for specs that wait for a library)."""
     from ..engine.session import Session
 
     return Session(specs, pid=args.pid, command=args.command,
                    buffer_pages=args.buffer_pages, semaphores=args.semaphores, warn=warn,
                    keep_command=args.keep_command, executor=args.executor,
-                   string_size=args.string_size, tally=tally)
+                   string_size=args.string_size, tally=tally,
+                   stop=stop and (lambda: stop.requested))
 
 
 LATE_RAISES_NAMED = 5     # processes named one per line; beyond, a count and the longest
@@ -77,7 +79,7 @@ def aggregate(args, specs, plan, interval=None, on_interval=None, on_pair=None, 
     stop = StopFlag()
     tally = None if on_pair else aggregations.tally_for(         # a timeline needs the records
         plan, getattr(args, "max_keys", None) or aggregations.DEFAULT_MAX_KEYS)
-    session = open_session(specs, args, tally)
+    session = open_session(specs, args, tally, stop)
     with session:
         aggregator = aggregations.KernelExecutor(session).aggregator(plan, on_pair)
         if exports is not None:
