@@ -30,6 +30,7 @@ a nested message is a dict, a repeated field a list.  The tests read the
 bytes back with the protobuf runtime and the definitions the ``perfetto``
 package ships; the README says why sdtrace writes these few messages itself.
 """
+import functools
 import struct
 
 VARINT, I64, LEN = 0, 1, 2         # wire types
@@ -87,15 +88,19 @@ TYPE_SLICE_BEGIN, TYPE_SLICE_END, TYPE_INSTANT = 1, 2, 3   # TrackEvent.Type
 UINT64_LIMIT = 1 << 64
 INT64_MIN = -(1 << 63)
 _DOUBLE = struct.Struct("<d")
+STRINGS_REMEMBERED = 4096
+
+
+_ONE_BYTE = [bytes((value,)) for value in range(0x80)]
 
 
 def varint(value):
     """The varint of an integer in [-2**63, 2**64): a negative one in two's complement."""
+    if 0 <= value < 0x80:
+        return _ONE_BYTE[value]
     if not INT64_MIN <= value < UINT64_LIMIT:
         raise ValueError(f"{value} does not fit a 64-bit varint")
     value %= UINT64_LIMIT
-    if value < 0x80:
-        return bytes((value,))
     out = bytearray()
     while value > 0x7F:
         out.append(value & 0x7F | 0x80)
@@ -108,12 +113,19 @@ def _length_delimited(data):
     return varint(len(data)) + data
 
 
+@functools.lru_cache(maxsize=STRINGS_REMEMBERED)
+def _string(text):
+    """A string field's value: names, probes and argument strings repeat, so each
+    is encoded once while it stays among the STRINGS_REMEMBERED last used."""
+    return _length_delimited(text.encode(errors="replace"))
+
+
 _WRITERS = {
     UINT: (VARINT, varint),
     INT: (VARINT, varint),
     BOOL: (VARINT, lambda value: varint(int(value))),
     DOUBLE: (I64, _DOUBLE.pack),
-    STRING: (LEN, lambda text: _length_delimited(text.encode(errors="replace"))),
+    STRING: (LEN, _string),
 }
 
 
@@ -137,15 +149,19 @@ _FIELDS = _compile(MESSAGES)
 def encode(message, fields):
     """The bytes of `message` (a name in MESSAGES) with `fields`' values; None leaves a field out."""
     writers = _FIELDS[message]
-    out = []
+    out = bytearray()
     for field, value in fields.items():
         if value is None:
             continue
         tag, write = writers[field]
-        for element in (value if isinstance(value, list) else (value,)):
-            out.append(tag)
-            out.append(write(element))
-    return b"".join(out)
+        if value.__class__ is list:
+            for element in value:
+                out += tag
+                out += write(element)
+        else:
+            out += tag
+            out += write(value)
+    return bytes(out)
 
 
 def packet(fields):
