@@ -51,23 +51,21 @@ meanwhile (a test suite's initdb runs hundreds of queries) adds to them.
 Run as root: python3 bench/pgbench.py [N]    (transactions per client,
 default 40,000; the whole run takes under two and a half minutes)
 """
-import contextlib
 import json
 import os
-import pwd
 import re
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from typing import Callable, NamedTuple, Optional
 
 from common import ENVIRONMENT, wait_for_line
-from helpers import POSTGRES_BIN, address_of, read_mem, summary_counts  # common put tests/ on the path
+from helpers import (POSTGRES_BIN, address_of, postgres_server, read_mem,  # common put tests/
+                     summary_counts)                                     # on the path
 from sdtrace import read_probes
 
 TRANSACTIONS = int(sys.argv[1]) if len(sys.argv) > 1 else 40_000    # per client
@@ -94,31 +92,6 @@ class Run(NamedTuple):
     tps: float
     count: Optional[int] = None
     lost: Optional[int] = None
-
-
-@contextlib.contextmanager
-def postgres_server():
-    """(socket directory, postmaster pid) of a throw-away PostgreSQL 15 server run as `postgres`."""
-    owner = pwd.getpwnam("postgres")
-    scratch = tempfile.mkdtemp(prefix="sdtrace-pgbench-")
-    os.chown(scratch, owner.pw_uid, owner.pw_gid)
-    data, socket_dir, log = (os.path.join(scratch, name) for name in ("data", "socket", "log"))
-
-    def as_postgres(*command):
-        subprocess.run(["runuser", "-u", "postgres", "--", *command], check=True,
-                       capture_output=True, text=True, timeout=120)
-
-    try:
-        as_postgres("mkdir", socket_dir)
-        as_postgres(f"{POSTGRES_BIN}/initdb", "-D", data, "--auth=trust")
-        as_postgres(f"{POSTGRES_BIN}/pg_ctl", "-D", data, "-w", "-l", log,
-                    "-o", f"-k {socket_dir} -c listen_addresses=''", "start")
-        with open(os.path.join(data, "postmaster.pid")) as pid_file:
-            yield socket_dir, int(pid_file.readline())
-    finally:
-        subprocess.run(["runuser", "-u", "postgres", "--", f"{POSTGRES_BIN}/pg_ctl", "-D", data,
-                        "-m", "immediate", "stop"], capture_output=True)
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def pgbench(socket_dir, *options):

@@ -20,6 +20,7 @@ drives it.  read_mem, write_mem, maps and address_of look at a running
 process through /proc, and readelf_notes, readelf_segments and file_offset
 read ELF facts through readelf: oracles independent of sdtrace.
 """
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -506,6 +507,66 @@ POSTGRES_BIN = "/usr/lib/postgresql/15/bin"
 LIBJVM = "/usr/lib/jvm/java-17-openjdk-amd64/lib/server/libjvm.so"
 REAL_SDT_BINARIES = (SYSTEM_PYTHON, LIBPYTHON, f"{POSTGRES_BIN}/postgres", LIBJVM,
                      "/usr/lib/x86_64-linux-gnu/libstdc++.so.6")
+
+
+# --- a real PostgreSQL 15 server --------------------------------------------
+
+def _as_postgres(*command, **options):
+    return subprocess.run(["runuser", "-u", "postgres", "--", *command], check=True,
+                          capture_output=True, text=True, timeout=120, **options)
+
+
+@contextlib.contextmanager
+def postgres_server(prefix="sdtrace-postgres-"):
+    """(socket directory, postmaster pid) of a throw-away PostgreSQL 15 server on a Unix
+    socket, run as `postgres` (initdb --auth=trust, pg_ctl); stopped and removed after.
+    Its directory is not under pytest's tmp_path, which only root may enter."""
+    import pwd
+
+    owner = pwd.getpwnam("postgres")
+    scratch = tempfile.mkdtemp(prefix=prefix)
+    os.chown(scratch, owner.pw_uid, owner.pw_gid)
+    data, socket_dir, log = (os.path.join(scratch, name) for name in ("data", "socket", "log"))
+    try:
+        _as_postgres("mkdir", socket_dir)
+        _as_postgres(f"{POSTGRES_BIN}/initdb", "-D", data, "--auth=trust")
+        _as_postgres(f"{POSTGRES_BIN}/pg_ctl", "-D", data, "-w", "-l", log,
+                     "-o", f"-k {socket_dir} -c listen_addresses=''", "start")
+        with open(os.path.join(data, "postmaster.pid")) as pid_file:
+            yield socket_dir, int(pid_file.readline())
+    finally:
+        subprocess.run(["runuser", "-u", "postgres", "--", f"{POSTGRES_BIN}/pg_ctl", "-D", data,
+                        "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def psql(socket_dir, sql, check=True):
+    """psql -Atc `sql` against the server's `postgres` database, as `postgres`: one
+    connection (one backend), one simple query; the CompletedProcess."""
+    return subprocess.run(["runuser", "-u", "postgres", "--", "psql", "-h", socket_dir, "-d",
+                           "postgres", "-Atc", sql], check=check, capture_output=True,
+                          text=True, timeout=120)
+
+
+class PsqlSession:
+    """A psql reading queries from a pipe: one backend, whose pid is `backend`, for the
+    queries send() writes; close() ends it (and the backend) and returns its stdout."""
+
+    def __init__(self, socket_dir):
+        self.process = subprocess.Popen(
+            ["runuser", "-u", "postgres", "--", "psql", "-h", socket_dir, "-d", "postgres",
+             "-At", "-v", "ON_ERROR_STOP=0"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, text=True)
+        self.send("SELECT pg_backend_pid();")
+        self.backend = int(self.process.stdout.readline())
+
+    def send(self, *queries):
+        self.process.stdin.write("".join(f"{query}\n" for query in queries))
+        self.process.stdin.flush()
+
+    def close(self, timeout=120):
+        out, _err = self.process.communicate(timeout=timeout)
+        return out
 
 NOTE = re.compile(r"Provider: (\S+)\s+Name: (\S+)\s+Location: (0x[0-9a-f]+), Base: 0x[0-9a-f]+, "
                   r"Semaphore: (0x[0-9a-f]+)\s+Arguments:([^\n]*)")

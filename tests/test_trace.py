@@ -12,6 +12,7 @@ import subprocess
 import time
 
 import pytest
+import helpers
 from helpers import LIBJVM, POSTGRES_BIN
 from helpers import SYSTEM_PYTHON as PYTHON
 from helpers import (Target, Tracer, address_of, counter, holds_for, maps, one_line_error,
@@ -313,37 +314,13 @@ def test_unprivileged_user_gets_one_line(fixtures):
 
 @pytest.fixture
 def postgres_server():
-    """A throw-away PostgreSQL 15 server on a Unix socket, run as `postgres`.
-
-    Its directory is not under pytest's tmp_path, which only root may enter."""
-    import pwd
+    """psql(sql) against a throw-away PostgreSQL 15 server (helpers.postgres_server)."""
     import shutil
-    import tempfile
 
     if not os.path.exists(f"{POSTGRES_BIN}/postgres") or not shutil.which("psql"):
         pytest.skip("PostgreSQL 15 is not installed")
-    try:
-        owner = pwd.getpwnam("postgres")
-    except KeyError:
-        pytest.skip("no postgres user to run the server as")
-    scratch = tempfile.mkdtemp(prefix="sdtrace-postgres-")
-    os.chown(scratch, owner.pw_uid, owner.pw_gid)
-    data, socket_dir, log = (os.path.join(scratch, name) for name in ("data", "socket", "log"))
-
-    def as_postgres(*command, **options):
-        return subprocess.run(["runuser", "-u", "postgres", "--", *command], check=True,
-                              capture_output=True, text=True, timeout=120, **options)
-
-    as_postgres("mkdir", socket_dir)
-    as_postgres(f"{POSTGRES_BIN}/initdb", "-D", data, "--auth=trust")
-    try:
-        as_postgres(f"{POSTGRES_BIN}/pg_ctl", "-D", data, "-w", "-l", log,
-                    "-o", f"-k {socket_dir} -c listen_addresses=''", "start")
-        yield lambda sql: as_postgres("psql", "-h", socket_dir, "-d", "postgres", "-Atc", sql)
-    finally:
-        subprocess.run(["runuser", "-u", "postgres", "--", f"{POSTGRES_BIN}/pg_ctl", "-D", data,
-                        "-m", "immediate", "stop"], capture_output=True)
-        shutil.rmtree(scratch, ignore_errors=True)
+    with helpers.postgres_server() as (socket_dir, _postmaster):
+        yield lambda sql: helpers.psql(socket_dir, sql)
 
 
 def test_postgres_query_start_carries_the_query_text(postgres_server, tmp_path):
