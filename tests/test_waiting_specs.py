@@ -91,3 +91,13 @@ def test_java_method_entries_are_counted_without_a_path(tmp_path, executor):
     else:
         [row] = rows
         assert row["count"] >= 2 * calls
+
+
+def test_the_first_spec_that_comes_is_armed_and_the_others_said(fixtures):
+    result = sdtrace("count", "--json", "-c",
+                     f"{fixtures.path('semuser')} {fixtures.path('libsdtsem.so')}",
+                     "semlib:tick", "hotspot:method__entry", stdin=f"load\nfire {TICKS}\n")
+    assert result.returncode == 0, result.stderr
+    assert _ticks(result.stdout) == TICKS
+    assert ("sdtrace: warning: not armed: hotspot:method__entry matched nothing in what was "
+            "loaded by then") in result.stderr.splitlines()

@@ -183,13 +183,15 @@ class Session:
             self._manager.start()
 
     def _wait_for(self, waiting, selected):
-        """The sites of every spec, selected in the objects of the traced process once
-        those of `waiting` (specs that matched nothing yet) are mapped there too.
+        """The sites of the specs, selected in the objects of the traced process once
+        one of `waiting` (specs that matched nothing yet) is mapped there too.
 
         A command runs, stopped at each of its library loads (command.py) until one
-        maps them; it stays stopped there while the session arms, so no hit after
-        that load is missed.  A process (-p) is re-read every WAIT_POLL seconds.
-        Hits of the specs that matched from the start are not seen before then."""
+        maps an object a waiting spec selects in; it stays stopped there while the
+        session arms, so no hit after that load is missed.  A process (-p) is re-read
+        every WAIT_POLL seconds.  Hits of the specs that matched from the start are
+        not seen before then; specs that still match nothing are said, and left out
+        (a tool names every runtime it serves: the one that comes is armed)."""
         names = ", ".join(spec.text for spec in waiting)
         whose = "-c's command" if self.command is not None else f"process {self.pid}"
         self.warnings.append(f"waiting for {names}: nothing {whose} maps has it yet; armed "
@@ -206,7 +208,7 @@ class Session:
                     raise SdtraceError(f"{names}: matched nothing in what the command loaded "
                                        "before it exited")
                 self._check_stop(names)
-            return specs.select_probes(parsed, self._loaded.objects)
+            return self._select_loaded(parsed, self._loaded.objects)
         from ..discovery import targets
         from ..kernel import procfs
 
@@ -216,13 +218,22 @@ class Session:
                 objects = targets.process_objects(self.pid, self.warnings.append)
             except SdtraceError:
                 objects = None
-            if objects is not None and _all_match(waiting, objects):
-                return specs.select_probes(parsed, objects)
+            if objects is not None and _any_match(waiting, objects):
+                return self._select_loaded(parsed, objects)
             if not procfs.alive(self.pid, starttime):
                 raise SdtraceError(f"{names}: matched nothing in what process {self.pid} "
                                    "mapped before it exited")
             self._check_stop(names)
             time.sleep(WAIT_POLL)
+
+    def _select_loaded(self, parsed, objects):
+        """The sites `parsed` select in `objects`, the specs that select none said."""
+        unmatched = []
+        selected = specs.select_probes(parsed, objects, unmatched)
+        if unmatched:
+            self.warnings.append(f"not armed: {', '.join(spec.text for spec in unmatched)} "
+                                 "matched nothing in what was loaded by then")
+        return selected
 
     def _check_stop(self, names):
         if self.stop is not None and self.stop():
@@ -239,7 +250,7 @@ class Session:
                 objects = targets.process_objects(pid)
             except SdtraceError:
                 return
-            if _all_match(loaded.waiting, objects):
+            if _any_match(loaded.waiting, objects):
                 loaded.objects = objects
                 loaded.matched.set()
                 loaded.armed.wait()          # the session arms; this process stands still
@@ -435,7 +446,7 @@ class Session:
 
 class _Loaded:
     """Between a command's thread and the session: the specs waiting for an object, the
-    objects of the process that maps one (set with `matched`), and `armed`, set once
+    objects of the process that maps one's (set with `matched`), and `armed`, set once
     the session has armed them."""
 
     def __init__(self, waiting):
@@ -447,12 +458,12 @@ class _Loaded:
         self.armed = threading.Event()
 
 
-def _all_match(waiting, objects):
-    """Whether every spec of `waiting` selects a site in `objects` (targets.ObjectFiles)."""
+def _any_match(waiting, objects):
+    """Whether a spec of `waiting` selects a site in `objects` (targets.ObjectFiles)."""
     from ..discovery import notes
 
     sites = [site for item in objects for site in notes.read_probes(item.path)]
-    return all(any(spec.matches(site) for site in sites) for spec in waiting)
+    return any(spec.matches(site) for site in sites for spec in waiting)
 
 
 class _Warnings(list):
