@@ -1,4 +1,4 @@
-"""The native Perfetto timeline (`--perfetto FILE.pftrace`), read back with Perfetto's own definitions.
+"""The native timeline (`--perfetto FILE.pftrace`), read back with Perfetto's own definitions.
 
 Every file is parsed with the protobuf runtime and the trace definitions the
 `perfetto` package ships (perfetto_trace_pb2), never with sdtrace's encoder;

@@ -147,7 +147,7 @@ _FIELDS = _compile(MESSAGES)
 
 
 def encode(message, fields):
-    """The bytes of `message` (a name in MESSAGES) with `fields`' values; None leaves a field out."""
+    """The bytes of `message` (a name in MESSAGES) with `fields`' values (None: left out)."""
     writers = _FIELDS[message]
     out = bytearray()
     for field, value in fields.items():
