@@ -25,6 +25,11 @@ those arguments are named ``*_ptr`` / ``*_len`` and are not dereferenced.
 
 Declarations are compact text, one per probe: names separated by spaces, a
 ``:str`` suffix for strings.  They are parsed on first use.
+
+Next to the arguments, each runtime's rules: what a probe needs besides an
+armed site to fire (RUNTIME_RULES: HotSpot's -XX:+DTrace*Probes flags, PHP's
+USE_ZEND_DTRACE=1), and which builds have probes at all (RUNTIME_BUILDS:
+Node.js and MySQL removed theirs).
 """
 from collections import namedtuple
 
@@ -242,6 +247,60 @@ def semaphore_companion(provider, name):
     """The probe of `provider` whose semaphore must be raised for ``provider:name``
     to fire (SEMAPHORE_COMPANIONS), or None."""
     return SEMAPHORE_COMPANIONS.get(provider, {}).get(name)
+
+
+# Probes that fire only in a runtime started so, per provider: {probe (or "*",
+# every probe): RuntimeRule(kind, setting)}.  Kinds:
+#   JVM_FLAG     a HotSpot flag, -XX:+SETTING, given at start (on the command
+#                line or in JAVA_TOOL_OPTIONS, JDK_JAVA_OPTIONS, _JAVA_OPTIONS).
+#                HotSpot tests DTraceMethodProbes, DTraceAllocProbes and
+#                DTraceMonitorProbes before firing these probes (and JIT-compiles
+#                the tests away when they are off); ExtendedDTraceProbes sets all
+#                three (JDK 17; gone from JDK 25, which refuses it as an
+#                unrecognized option).  discovery/jvm.py reads a running JVM's
+#                values, and the tools' --jvm-probes puts the flag in
+#                JAVA_TOOL_OPTIONS for -c.
+#   ENVIRONMENT  an environment variable of the traced process: PHP's engine
+#                (Zend/zend_dtrace.c) fires its probes only when started with
+#                USE_ZEND_DTRACE=1, even in a build with --enable-dtrace.
+RuntimeRule = namedtuple("RuntimeRule", "kind setting")
+JVM_FLAG, ENVIRONMENT = "jvm flag", "environment"
+EXTENDED_JVM_FLAG = "ExtendedDTraceProbes"     # JDK 17's flag for the three below
+_MONITOR_PROBES = ("contended__enter", "contended__entered", "contended__exit", "wait",
+                   "waited", "notify", "notifyAll")
+RUNTIME_RULES = {
+    "hotspot": {
+        **{f"method__{phase}": RuntimeRule(JVM_FLAG, "DTraceMethodProbes")
+           for phase in ("entry", "return")},
+        "object__alloc": RuntimeRule(JVM_FLAG, "DTraceAllocProbes"),
+        **{f"monitor__{event}": RuntimeRule(JVM_FLAG, "DTraceMonitorProbes")
+           for event in _MONITOR_PROBES},
+    },
+    "php": {"*": RuntimeRule(ENVIRONMENT, "USE_ZEND_DTRACE=1")},
+}
+
+# Which builds of a runtime have its probes at all (a .note.stapsdt), as found
+# with readelf -n in Debian 12's packages (checked for this table; the test
+# suite runs Python, PostgreSQL and HotSpot).
+RUNTIME_BUILDS = {
+    "python": "python3.11 and libpython3.11 (built --with-dtrace): the python provider",
+    "hotspot": "openjdk-17-jre-headless's libjvm.so (built --enable-dtrace): the hotspot "
+               "provider, hotspot_jni too; Temurin 25's libjvm.so has them as well",
+    "postgresql": "postgresql-15 (built --enable-dtrace): the postgresql provider",
+    "ruby": "libruby3.1 (built --enable-dtrace): the ruby provider, 22 probes",
+    "php": "php8.2-cli (built --enable-dtrace): the php provider, 11 probes, firing only "
+           "under USE_ZEND_DTRACE=1",
+    "node": "none: Debian's nodejs 18 (libnode108) has no notes; Node.js removed its "
+            "DTrace/SystemTap provider (--with-dtrace) in version 12",
+    "mysql": "none: MySQL removed its probes in 8.0, and Debian 12's MariaDB 10.11 "
+             "(mariadb-server-core's mariadbd) has no notes",
+}
+
+
+def runtime_rule(provider, name):
+    """The RuntimeRule ``provider:name`` needs to fire (RUNTIME_RULES), or None."""
+    rules = RUNTIME_RULES.get(provider, {})
+    return rules.get(name) or rules.get("*")
 
 
 class ProbeArguments(namedtuple("ProbeArguments", "names types")):
