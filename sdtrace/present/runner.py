@@ -98,3 +98,27 @@ def aggregate(args, specs, plan, interval=None, on_interval=None, on_pair=None, 
     say_session_end(session)
     sys.stderr.write(output.summary_line(session.received, session.lost))
     return aggregator.result(), session
+
+
+def stream(args, specs, on_records):
+    """Run a session of `specs`, handing each batch of records to `on_records(batch)`;
+    return the session once it has ended (at -d, Ctrl-C/SIGTERM or the command's exit),
+    its end said as every command says it."""
+    stop = StopFlag()
+    session = open_session(specs, args, stop=stop)
+    armed = False
+    reported_lost = 0
+    try:
+        with session:
+            armed = True
+            sys.stderr.write(f"sdtrace: tracing {len(session.sites)} site(s); Ctrl-C to end\n")
+            for batch in session.batches(None, args.duration, lambda: stop.requested):
+                on_records(batch)
+                if session.lost != reported_lost:
+                    warn(output.lost_warning(session.lost - reported_lost))
+                    reported_lost = session.lost
+    finally:
+        if armed:
+            say_session_end(session)
+            sys.stderr.write(output.summary_line(session.received, session.lost))
+    return session

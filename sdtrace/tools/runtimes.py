@@ -82,3 +82,106 @@ def find(args, runtimes):
         raise SdtraceError(f"process {args.pid} runs none of {served}: no probes of theirs "
                            f"in the {len(objects)} objects it maps")
     return found
+
+
+JVM_PROBES_HELP = ("with -c: start the JVM with the -XX:+DTrace*Probes flag the tool's probes "
+                   "need, put in JAVA_TOOL_OPTIONS")
+
+
+def add_jvm_probes_option(parser):
+    """--jvm-probes, for a tool whose HotSpot probes fire only under a flag."""
+    parser.add_argument("--jvm-probes", action="store_true", help=JVM_PROBES_HELP)
+
+
+def check_rules(args, found, probes, warn):
+    """Ends with a one-line error when a runtime the session reaches cannot fire
+    `probes` (its provider's probe names) for want of what providers.RUNTIME_RULES
+    names: a JVM flag -p's JVM was started without (read by discovery/jvm.py) or
+    -c's command does not give (--jvm-probes gives it, in JAVA_TOOL_OPTIONS), an
+    environment variable.  System-wide, `warn` says once what the processes need."""
+    import os
+
+    from ..discovery import providers
+
+    for item in found:
+        rules = {}
+        for probe in probes:
+            rule = providers.runtime_rule(item.runtime.provider, probe)
+            if rule is not None:
+                rules.setdefault(rule, f"{item.runtime.provider}:{probe}")
+        for rule, probe in rules.items():
+            setting = (f"-XX:+{rule.setting}" if rule.kind == providers.JVM_FLAG
+                       else rule.setting)
+            if args.pid is None and args.command is None:
+                warn(f"{probe} fires only in processes started with {setting}")
+            elif rule.kind == providers.JVM_FLAG and args.command is not None \
+                    and getattr(args, "jvm_probes", False):
+                options = os.environ.get("JAVA_TOOL_OPTIONS", "")
+                os.environ["JAVA_TOOL_OPTIONS"] = f"{options} {setting}".strip()
+            else:
+                _check_rule(args, rule, probe, setting)
+
+
+def _check_rule(args, rule, probe, setting):
+    import os
+    import shlex
+
+    from ..discovery import jvm, providers
+
+    if rule.kind == providers.JVM_FLAG:
+        if args.pid is not None:
+            values, where = jvm.running_flags(args.pid)
+            if values is None or values[rule.setting]:
+                return
+            raise SdtraceError(f"process {args.pid}'s JVM runs without {setting} (read from "
+                               f"{where}): {probe} never fires in it; restart it with "
+                               f"{setting}")
+        if not jvm.option_flags(shlex.split(args.command), os.environ)[rule.setting]:
+            raise SdtraceError(f"{probe} fires only in a JVM started with {setting}: add "
+                               f"--jvm-probes (puts it in JAVA_TOOL_OPTIONS) or put it in "
+                               f"the command")
+        return
+    name, _, value = rule.setting.partition("=")
+    if args.pid is not None:
+        from ..kernel.procfs import read_proc
+
+        environ = read_proc(args.pid, "environ").split(b"\0")
+        given = f"{name}={value}".encode() in environ
+        whose = f"process {args.pid} was started"
+    else:
+        given = os.environ.get(name) == value
+        whose = "the command runs"
+    if not given:
+        raise SdtraceError(f"{probe} fires only with {setting} in the environment, and "
+                           f"{whose} without it")
+
+
+def require_bpf(args, why):
+    """Ends with a one-line error unless the session will run on the bpf executor
+    (--executor, or what auto takes here): `why` says what the tool reads that the
+    tracefs executor cannot."""
+    import platform
+
+    from ..engine.session import choose_executor
+
+    executor, reason = choose_executor(args.executor, {platform.machine()})
+    if executor != "bpf":
+        raise SdtraceError(f"{why}: it needs the bpf executor, and the session would run on "
+                           f"tracefs ({reason})")
+
+
+def present(found, args):
+    """The runtimes of `found` already there, if any: a -c command that maps one runtime
+    is not waited on for another (a spec that waits holds every spec back until all
+    arm).  If all wait, a command whose program is a JDK's launcher waits for Java
+    alone (discovery/jvm.java_home); otherwise all of them wait."""
+    there = [item for item in found if not item.waiting]
+    if there or args.command is None:
+        return there or found
+    import shlex
+
+    from ..discovery import jvm
+
+    if jvm.java_home(shlex.split(args.command)[0]) is not None:
+        return [item for item in found if item.runtime == JAVA] or found
+    return found
