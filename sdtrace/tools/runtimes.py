@@ -185,3 +185,11 @@ def present(found, args):
     if jvm.java_home(shlex.split(args.command)[0]) is not None:
         return [item for item in found if item.runtime == JAVA] or found
     return found
+
+
+def no_probe_for(found, what):
+    """One line when every runtime found is Python: CPython 3.11 has no `what` probe."""
+    if all(item.runtime == PYTHON for item in found):
+        raise SdtraceError(f"Python has no {what} probe: CPython 3.11's python provider has "
+                           "function__entry/return, line, gc__start/done, import__find__load__"
+                           "start/done and audit; this tool serves Java (HotSpot)")
