@@ -64,6 +64,14 @@ def fixtures():
     return FixturePrograms()
 
 
+@pytest.fixture(scope="session")
+def java_classes():
+    """The directory of the compiled tests/fixtures/java programs (a -cp for java)."""
+    from helpers import build_java_fixtures
+
+    return build_java_fixtures()
+
+
 @pytest.fixture(params=OPT_LEVELS)
 def opt(request):
     """Runs a test once per optimisation level the fixtures are built at."""

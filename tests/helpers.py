@@ -154,6 +154,57 @@ class FixturePrograms:
         return os.path.join(BUILD_DIR, opt, name)
 
 
+# --- the Java fixture programs ------------------------------------------------
+#
+# tests/fixtures/java/*.java, compiled by javac into BUILD_DIR/java/ the way the C
+# programs are built: a digest of the sources next to the classes, an flock, a
+# scratch directory renamed into place.
+
+JAVA_SOURCES_DIR = os.path.join(FIXTURES_DIR, "java")
+JAVA_BUILD_DIR = os.path.join(BUILD_DIR, "java")
+
+
+def jdk_home():
+    """The home of the JDK whose javac is on $PATH (javac is JDK_HOME/bin/javac), or None."""
+    javac = shutil.which("javac")
+    return None if javac is None else os.path.dirname(os.path.dirname(os.path.realpath(javac)))
+
+
+def build_java_fixtures():
+    """BUILD_DIR/java/ up to date with tests/fixtures/java/ (safe to race); its path."""
+    sources = sorted(name for name in os.listdir(JAVA_SOURCES_DIR) if name.endswith(".java"))
+    digest = hashlib.sha256()
+    for name in sources:
+        with open(os.path.join(JAVA_SOURCES_DIR, name), "rb") as source:
+            digest.update(name.encode() + b"\0" + source.read())
+    os.makedirs(BUILD_DIR, mode=0o700, exist_ok=True)
+    stamp = os.path.join(JAVA_BUILD_DIR, ".digest")
+    with open(os.path.join(BUILD_DIR, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            with open(stamp) as stamp_file:
+                if stamp_file.read() == digest.hexdigest():
+                    return JAVA_BUILD_DIR
+        except FileNotFoundError:
+            pass
+        if jdk_home() is None:
+            pytest.fail(f"cannot build the Java test fixtures: javac is not installed "
+                        f"(package openjdk-17-jdk-headless); {SET_UP_HINT}", pytrace=False)
+        scratch = tempfile.mkdtemp(dir=BUILD_DIR)
+        compiler = subprocess.run(["javac", "-d", scratch,
+                                   *(os.path.join(JAVA_SOURCES_DIR, name) for name in sources)],
+                                  capture_output=True, text=True)
+        if compiler.returncode != 0:
+            shutil.rmtree(scratch)
+            pytest.fail(f"javac failed to build the Java fixtures:\n{compiler.stderr}",
+                        pytrace=False)
+        with open(os.path.join(scratch, ".digest"), "w") as stamp_file:
+            stamp_file.write(digest.hexdigest())
+        shutil.rmtree(JAVA_BUILD_DIR, ignore_errors=True)
+        os.replace(scratch, JAVA_BUILD_DIR)
+    return JAVA_BUILD_DIR
+
+
 # --- running the command line ----------------------------------------------
 
 SUMMARY = re.compile(r"^sdtrace: (\d+) events, (\d+) lost$")
@@ -238,6 +289,20 @@ def holds_for(condition, seconds):
 TRACING = "sdtrace: tracing"
 
 
+def until_armed(process, timeout=60):
+    """What an sdtrace `process` (text stderr, piped) wrote to stderr up to the line
+    saying it is tracing; killed, an AssertionError, if it never says so."""
+    stderr = ""
+    deadline = time.monotonic() + timeout
+    while TRACING not in stderr:
+        line = process.stderr.readline()
+        if not line or time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"sdtrace did not arm: {stderr}{process.stderr.read()}")
+        stderr += line
+    return stderr
+
+
 class Tracer:
     """`sdtrace trace` running in the background, writing JSON events to a file."""
 
@@ -246,14 +311,7 @@ class Tracer:
         self.process = subprocess.Popen(
             sdtrace_command("trace", "--json", "-o", str(self.output), *args),
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        self.stderr = ""
-        deadline = time.monotonic() + 60
-        while TRACING not in self.stderr:
-            line = self.process.stderr.readline()
-            if not line or time.monotonic() > deadline:
-                self.process.kill()
-                raise AssertionError(f"tracer did not arm: {self.stderr}{self.process.stderr.read()}")
-            self.stderr += line
+        self.stderr = until_armed(self.process)
 
     def stop(self, sig=signal.SIGINT):
         """Stop the tracer; returns the events it wrote."""
