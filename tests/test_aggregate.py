@@ -296,8 +296,8 @@ def test_bad_keys_and_specs_are_one_line_errors(fixtures):
                            "workload:request"), "--linear")
     one_line_error(sdtrace("latency", "-c", workload, "workload:start", "workload:*"),
                    "matches both")
-    one_line_error(sdtrace("latency", "-c", workload, "workload:start", "workload:nothing"),
-                   "no probe matches")
+    one_line_error(sdtrace("latency", "-c", workload, "workload:start",   # with no target
+                           f"{workload}:workload:nothing"), "no probe matches")  # it would wait
     one_line_error(sdtrace("count", "--top", "0", "-c", workload, "workload:request"), "--top")
 
 

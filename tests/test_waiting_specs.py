@@ -68,20 +68,11 @@ def test_a_spec_that_never_matches_ends_the_session_in_one_line(fixtures):
 
 
 @pytest.mark.skipif(not os.path.exists(LIBJVM), reason="OpenJDK 17 is not installed")
-def test_java_method_entries_are_counted_without_a_path(tmp_path, executor):
-    source = tmp_path / "Calls.java"
-    source.write_text("public class Calls {\n"
-                      "  static int f(int x) { return x + 1; }\n"
-                      "  static int g(int x) { return f(x) * 2; }\n"
-                      "  public static void main(String[] a) {\n"
-                      "    long s = 0;\n"
-                      "    for (int i = 0; i < Integer.parseInt(a[0]); i++) s += g(i);\n"
-                      "    System.out.println(s);\n  }\n}\n")
-    subprocess.run(["javac", "-d", str(tmp_path), str(source)], check=True)
+def test_java_method_entries_are_counted_without_a_path(java_classes, executor):
     calls = 5000
     key = "method_name_ptr" if executor == "bpf" else "probe"    # tracefs: names are pointers
     result = sdtrace("count", "--json", "--by", key, "-c",
-                     f"java -XX:+ExtendedDTraceProbes -cp {tmp_path} Calls {calls}",
+                     f"java -XX:+ExtendedDTraceProbes -cp {java_classes} Calls {calls}",
                      "hotspot:method__entry")
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]

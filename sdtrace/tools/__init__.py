@@ -17,7 +17,7 @@ nothing heavy at their top, so building the parser stays cheap.
 """
 import importlib
 
-TOOLS = ("queries", "gc", "threads", "objnew")   # each tool adds its name here as it lands: calls, flow, gc, objnew, threads, stat, queries
+TOOLS = ("calls", "flow", "gc", "objnew", "threads", "queries")
 
 
 def tool(name):
