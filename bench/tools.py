@@ -1,0 +1,294 @@
+"""Benchmark: sdtrace's language tools beside the bcc tools that answer the same question.
+
+``TOOLS`` is the table: a tool's row names its workload and the two commands
+run against it, sdtrace's and bcc's (Debian's bpfcc-tools names them
+``NAME-bpfcc``; its Java ones, javagc-bpfcc..., are bash wrappers that a
+SIGINT does not end, so the rows run the scripts they wrap: ugc -l java...).  A workload is a context manager that sets up the traced
+program and yields a ``Workload``: the pids a bcc tool takes with ``-p``, the
+file sdtrace traces system-wide, and ``run()``, which does the work once and
+returns (operations, seconds).  Per row, ROUNDS rounds round-robin of the
+untraced workload and the workload under each tracer; each tracer is started
+before the run and ready (its ready line read) before the work begins, and is
+ended by SIGINT after it.  Printed: the median operations per second and its
+ratio to the untraced median, and what each tracer counted where it says.
+
+Workloads:
+
+  postgres   PostgreSQL 15 (helpers.postgres_server, loaded by `pgbench -i -s 1`),
+             CLIENTS psql sessions, each one backend, sending QUERIES simple
+             queries each, pgbench -S's (SELECT abalance FROM pgbench_accounts
+             WHERE aid = random), then one `SELECT 'done'`: an operation is a
+             query.  The backends live through every run, so that bcc's -p
+             (which sees only the processes named, not those forked later) sees
+             them; sdtrace is run system-wide on the postgres binary.
+
+  jvm        OpenJDK 17 (-XX:+UseSerialGC -XX:+DTraceAllocProbes) running
+             tests/fixtures/java/Work, which on each request allocates
+             ALLOCATIONS objects (objnew), calls System.gc() GCS times (gc) or
+             starts and joins THREADS named threads (threads): an operation is
+             one of those.  One JVM lives through every run; both tracers take
+             its pid.
+
+bcc compiles its programs against kernel headers: where the running kernel has
+none (no /lib/modules/$(uname -r)/build, no CONFIG_IKHEADERS), point
+BCC_KERNEL_SOURCE at a tree of another release's (Debian's linux-headers-6.1
+-common and -amd64 merged into one directory serve these tools: they read
+only pt_regs and USDT arguments).
+
+Run as root: python3 bench/tools.py [TOOL...]    (default: every tool; $ROUNDS rounds)
+"""
+import contextlib
+import os
+import random
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable, List, NamedTuple
+
+from common import ENVIRONMENT, wait_for_line
+from helpers import (POSTGRES_BIN, PsqlSession, build_java_fixtures, jdk_home,  # via common
+                     postgres_server, summary_counts)
+
+ROUNDS = int(os.environ.get("ROUNDS", 5))
+CLIENTS = 2
+QUERIES = 10_000                     # per client and run
+POSTGRES = f"{POSTGRES_BIN}/postgres"
+UNTRACED = "untraced"
+
+
+class Workload(NamedTuple):
+    pids: List[int]          # what bcc's -p takes
+    target: str              # what sdtrace traces system-wide
+    run: Callable            # run() -> (operations, seconds)
+
+
+@contextlib.contextmanager
+def postgres_queries():
+    with postgres_server("sdtrace-bench-tools-") as (socket_dir, _postmaster):
+        subprocess.run([f"{POSTGRES_BIN}/pgbench", "-h", socket_dir, "-U", "postgres", "-i",
+                        "-s", "1", "-q", "postgres"], check=True, capture_output=True)
+        clients = [PsqlSession(socket_dir) for _ in range(CLIENTS)]
+        for client in clients:
+            client.send(r"\o /dev/null")
+
+        def run():
+            started = time.monotonic()
+            for client in clients:
+                client.send(*(f"SELECT abalance FROM pgbench_accounts WHERE aid = "
+                              f"{random.randint(1, 100_000)};" for _ in range(QUERIES)),
+                            r"\o", "SELECT 'done';", r"\o /dev/null")
+            for client in clients:
+                while client.process.stdout.readline().strip() != "done":
+                    pass
+            return CLIENTS * (QUERIES + 1), time.monotonic() - started
+        try:
+            yield Workload([client.backend for client in clients], POSTGRES, run)
+        finally:
+            for client in clients:
+                client.close()
+
+
+ALLOCATIONS, GCS, THREADS = 2_000_000, 20, 200     # per run, of the jvm workload
+
+
+@contextlib.contextmanager
+def jvm_work(request, count):
+    """The jvm workload: `request` ("alloc", "gc", "threads") `count` times a run."""
+    java = os.path.join(jdk_home(), "bin", "java")
+    process = subprocess.Popen([java, "-XX:+UseSerialGC", "-XX:+DTraceAllocProbes", "-cp",
+                                build_java_fixtures(), "Work"], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "ready"
+
+        def run():
+            started = time.monotonic()
+            process.stdin.write(f"{request} {count}\n")
+            process.stdin.flush()
+            assert process.stdout.readline().strip() == "done"
+            return count, time.monotonic() - started
+        yield Workload([process.pid], os.path.join(jdk_home(), "lib", "server", "libjvm.so"),
+                       run)
+    finally:
+        process.stdin.close()
+        process.wait(timeout=60)
+
+
+class Tracer(NamedTuple):
+    command: Callable        # command(workload) -> argv
+    ready: Callable          # ready(process): returns once it traces
+    counted: Callable        # counted(stdout, stderr) -> what it says it saw, or None
+
+
+def _sdtrace(*args):
+    return [sys.executable, "-m", "sdtrace", *args]
+
+
+def _sdtrace_count(out, err):
+    import json
+
+    records = [json.loads(line) for line in out.splitlines()]
+    counted = sum(record["count"] for record in records if "query" in record)
+    return f"{counted:,} queries, {summary_counts(err)[1]} lost"
+
+
+def _log2_hist_count(out, _err):
+    """The hits of a bcc log2 histogram (`  256 -> 511  : 1234  |***|`)."""
+    counted = sum(int(match[1]) for match in re.finditer(r"-> \d+\s*: (\d+)", out))
+    return f"{counted:,} queries"
+
+
+def _json_lines(out):
+    import json
+
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def _sdtrace_objnew(out, err):
+    counted = sum(row["count"] for row in _json_lines(out) if row["class"] == "AllocItem")
+    return f"{counted:,} AllocItem, {summary_counts(err)[1]} lost"
+
+
+def _sdtrace_gc(out, _err):
+    return f"{sum('duration_ns' in line for line in _json_lines(out))} collections"
+
+
+def _sdtrace_threads(out, _err):
+    started = sum(line["event"] == "start" and line["name"].startswith("sdtrace-worker-")
+                  for line in _json_lines(out))
+    return f"{started} threads started"
+
+
+def _bcc_lines(pattern):
+    """counted() of a bcc tool: how many lines of its output match `pattern`."""
+    return lambda out, _err: f"{len(re.findall(pattern, out, re.M))} lines"
+
+
+def _nothing(_out, _err):
+    return None
+
+
+SDTRACE_READY = wait_for_line("sdtrace: tracing")
+
+
+def _bcc_ready(process):
+    line = process.stdout.readline()
+    if "Tracing" not in line:
+        raise RuntimeError(f"{process.args[0]} did not start: {line}{process.stderr.read()}")
+
+
+# tool -> {row: Tracer}; a row of sdtrace, then the bcc tool answering the same question
+TOOLS = {
+    "queries": (postgres_queries, {
+        "sdtrace queries (bpf)": Tracer(
+            lambda w: _sdtrace("queries", "--json", "--executor", "bpf", w.target),
+            SDTRACE_READY, _sdtrace_count),
+        "sdtrace queries (tracefs)": Tracer(
+            lambda w: _sdtrace("queries", "--json", "--executor", "tracefs", w.target),
+            SDTRACE_READY, _sdtrace_count),
+        "bcc dbstat": Tracer(
+            lambda w: ["dbstat-bpfcc", "postgres", "-u", "-p", *map(str, w.pids)],
+            _bcc_ready, _log2_hist_count),
+    }),
+    "queries --slower": (postgres_queries, {
+        "sdtrace queries --slower 1": Tracer(
+            lambda w: _sdtrace("queries", "--slower", "1", w.target), SDTRACE_READY, _nothing),
+        "bcc dbslower -m 1": Tracer(
+            lambda w: ["dbslower-bpfcc", "postgres", "-m", "1", "-p", *map(str, w.pids)],
+            _bcc_ready, _nothing),
+    }),
+    "gc": (lambda: jvm_work("gc", GCS), {
+        "sdtrace gc (bpf)": Tracer(
+            lambda w: _sdtrace("gc", "--json", "--executor", "bpf", "-p", str(w.pids[0])),
+            SDTRACE_READY, _sdtrace_gc),
+        "bcc ugc -l java": Tracer(lambda w: ["ugc", "-l", "java", str(w.pids[0])], _bcc_ready,
+                             _bcc_lines(r"^\d+\.\d+ +\d+")),
+    }),
+    "objnew": (lambda: jvm_work("alloc", ALLOCATIONS), {
+        "sdtrace objnew (bpf)": Tracer(
+            lambda w: _sdtrace("objnew", "--json", "--executor", "bpf", "-p", str(w.pids[0])),
+            SDTRACE_READY, _sdtrace_objnew),
+        "bcc uobjnew -l java": Tracer(lambda w: ["uobjnew", "-l", "java", str(w.pids[0])],
+                                      _bcc_ready, _bcc_lines(r"AllocItem")),
+    }),
+    "threads": (lambda: jvm_work("threads", THREADS), {
+        "sdtrace threads (bpf)": Tracer(
+            lambda w: _sdtrace("threads", "--json", "--executor", "bpf", "-p",
+                               str(w.pids[0])), SDTRACE_READY, _sdtrace_threads),
+        "bcc uthreads -l java": Tracer(lambda w: ["uthreads", "-l", "java", str(w.pids[0])],
+                                       _bcc_ready, _bcc_lines(r"sdtrace-worker-")),
+    }),
+}
+
+
+def traced(workload, tracer):
+    """(operations per second, what the tracer counted) of one run under `tracer`."""
+    process = subprocess.Popen(tracer.command(workload), stdin=subprocess.DEVNULL,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**ENVIRONMENT, "PYTHONUNBUFFERED": "1"})
+    try:
+        tracer.ready(process)
+    except RuntimeError as error:        # a bcc tool that cannot run here: the finding
+        process.kill()
+        process.communicate()
+        return None, f"cannot run: {_first_error(str(error))}"
+    try:
+        operations, seconds = workload.run()
+    finally:
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=120)
+    return operations / seconds, tracer.counted(out, err)
+
+
+def _first_error(text):
+    """The line of a failed tool's output that says why (an error or exception line)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    said = [line for line in lines if "error" in line.lower() or "Exception" in line
+            or line.startswith("Failed")]
+    return (said or lines or ["no output"])[0][:160]
+
+
+def measure(name):
+    """{row: [(operations per second, counted) per round]} of tool `name`."""
+    setup, tracers = TOOLS[name]
+    runs = {UNTRACED: [], **{row: [] for row in tracers}}
+    with setup() as workload:
+        workload.run()                                     # warm the caches
+        for _round in range(ROUNDS):
+            for row in runs:
+                if row == UNTRACED:
+                    operations, seconds = workload.run()
+                    runs[row].append((operations / seconds, None))
+                else:
+                    runs[row].append(traced(workload, tracers[row]))
+    return runs
+
+
+def main():
+    missing = [command for command in ("dbstat-bpfcc", "dbslower-bpfcc", "ugc")
+               if not shutil.which(command)]
+    if missing or not os.path.exists(POSTGRES):
+        sys.exit(f"needs {', '.join(missing) or POSTGRES} (apt-get install bpfcc-tools "
+                 "postgresql-15)")
+    for name in sys.argv[1:] or TOOLS:
+        runs = measure(name)
+        print(f"{name}: {ROUNDS} rounds round-robin; operations per second "
+              f"(median, x untraced), what the tracer counted per run")
+        untraced = statistics.median(rate for rate, _counted in runs[UNTRACED])
+        for row, results in runs.items():
+            counted = sorted({counted for _rate, counted in results if counted})
+            rates = [rate for rate, _counted in results if rate is not None]
+            if not rates:
+                print(f"  {row:30}{'-':>10} {'-':>6}  " + "; ".join(counted))
+                continue
+            median = statistics.median(rates)
+            print(f"  {row:30}{median:10,.0f} {median / untraced:6.3f}  "
+                  + "; ".join(counted))
+
+
+if __name__ == "__main__":
+    main()
