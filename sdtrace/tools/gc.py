@@ -17,7 +17,6 @@ import json
 import sys
 import time
 
-from ..errors import SdtraceError
 from .runtimes import JAVA, PYTHON
 
 HELP = "garbage collections: each with its duration, then a histogram (like ugc)"
@@ -105,10 +104,6 @@ def run(args):
     from . import runtimes
 
     found = runtimes.present(runtimes.find(args, tuple(PROBES)), args)
-    if len(found) > 1 and all(item.waiting for item in found):
-        raise SdtraceError(f"-c: {args.command!r} maps no runtime yet, and its program is not "
-                           "a java launcher: name the runtime's file as TARGET (libjvm.so, "
-                           "libpython3.11.so.1.0, python3.11)")
     specs = [item.spec(probe) for item in found
              for begin, end, also in (PROBES[item.runtime],) for probe in (begin, end, *also)]
     collections = Collections(args.json, time.monotonic_ns())
