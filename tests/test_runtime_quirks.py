@@ -8,12 +8,11 @@ semaphore modes and on both executors.
 import json
 import os
 import subprocess
-import time
 
 import pytest
 
-from helpers import SYSTEM_PYTHON, counter, holds_for, sdtrace, sdtrace_command, \
-    semaphore_offsets, summary_counts, wait_for
+from helpers import SYSTEM_PYTHON, counter, holds_for, sdtrace, sdtrace_command, until_armed, \
+    semaphore_offsets, summary_counts
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("executor"),
               pytest.mark.skipif(not os.path.exists(SYSTEM_PYTHON),
@@ -72,9 +71,9 @@ def test_the_line_semaphore_is_raised_once_and_lowered(tmp_path, semaphores):
             sdtrace_command("count", "--json", "--semaphores", semaphores, "--by", "funcname",
                             "-p", str(target.pid), "python:function__entry"),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert wait_for(lambda: counter(target.pid, SYSTEM_PYTHON, offset) == 1, 30)
+        assert until_armed(tracer)
+        assert counter(target.pid, SYSTEM_PYTHON, offset) == 1
         assert holds_for(lambda: counter(target.pid, SYSTEM_PYTHON, offset) == 1, 0.5)
-        time.sleep(0.5)          # the session reads its first batches
         target.stdin.write("go\n")
         target.stdin.flush()
         assert target.stdout.readline() == "done\n"

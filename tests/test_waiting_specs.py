@@ -92,3 +92,11 @@ def test_the_first_spec_that_comes_is_armed_and_the_others_said(fixtures):
     assert _ticks(result.stdout) == TICKS
     assert ("sdtrace: warning: not armed: hotspot:method__entry matched nothing in what was "
             "loaded by then") in result.stderr.splitlines()
+
+
+def test_a_library_loaded_by_a_child_of_the_command(fixtures):
+    result = sdtrace("count", "--json", "-c",
+                     f"sh -c '{fixtures.path('semuser')} {fixtures.path('libsdtsem.so')}; true'",
+                     "semlib:tick", stdin=f"load\nfire {TICKS}\n")
+    assert result.returncode == 0, result.stderr
+    assert _ticks(result.stdout) == TICKS

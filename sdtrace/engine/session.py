@@ -187,8 +187,9 @@ class Session:
         one of `waiting` (specs that matched nothing yet) is mapped there too.
 
         A command runs, stopped at each of its library loads (command.py) until one
-        maps an object a waiting spec selects in; it stays stopped there while the
-        session arms, so no hit after that load is missed.  A process (-p) is re-read
+        of its processes maps an object a waiting spec selects in; it stays stopped
+        there while the session arms that process and the children it forks from
+        then on, so no hit of theirs after that load is missed.  A process (-p) is re-read
         every WAIT_POLL seconds.  Hits of the specs that matched from the start are
         not seen before then; specs that still match nothing are said, and left out
         (a tool names every runtime it serves: the one that comes is armed)."""
@@ -251,7 +252,7 @@ class Session:
             except SdtraceError:
                 return
             if _any_match(loaded.waiting, objects):
-                loaded.objects = objects
+                loaded.objects, loaded.pid = objects, pid
                 loaded.matched.set()
                 loaded.armed.wait()          # the session arms; this process stands still
             return
@@ -266,7 +267,7 @@ class Session:
 
             running = self._loaded is not None        # a command past its exec: as -p
             return TracefsExecutor(sites, [spec.types for _site, spec in selected],
-                                   pid=self.child if running else self.pid,
+                                   pid=self._loaded.pid if running else self.pid,
                                    child=None if running else self.child,
                                    kernel_semaphores=kernel_semaphores,
                                    buffer_pages=self.buffer_pages)
@@ -277,6 +278,8 @@ class Session:
         types = [fetchargs.argument_types(site, spec.types, codegen.plan_argument)
                  for site, spec in selected]
         root = self.child if self.child is not None else self.pid
+        if self._loaded is not None:     # the process of the command that loaded them, and
+            root = self._loaded.pid      # its children from then on
         return BpfExecutor(sites, types, pid=root or 0, children=self.child is not None,
                            ring_bytes=_ring_bytes(self.buffer_pages),
                            string_length=self.string_size or codegen.DEFAULT_STRING_LENGTH,
@@ -454,6 +457,7 @@ class _Loaded:
 
         self.waiting = waiting
         self.objects = None
+        self.pid = None          # the process that mapped them: what is traced from then on
         self.matched = threading.Event()
         self.armed = threading.Event()
 
