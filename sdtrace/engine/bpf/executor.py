@@ -242,10 +242,12 @@ class BpfExecutor:
 
     @property
     def lost(self):
-        """Records the ring had no room for, summed over the CPUs (final after finish())."""
+        """Records the ring had no room for, summed over the CPUs, and with a tally the
+        hits the full map could not count, so far (final after finish())."""
         if self._lost is not None:
             return self._lost
-        return self._lost_counter.total_per_cpu(bytes(4))
+        lost = self._lost_counter.total_per_cpu(bytes(4))
+        return lost if self.tally is None else lost + self.tally.dropped_count()
 
     def finish(self, emitter=events.RECORDS):
         """Detaches every site, then returns the items of the records left in the ring;
