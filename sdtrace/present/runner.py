@@ -91,6 +91,8 @@ def aggregate(args, specs, plan, interval=None, on_interval=None, on_pair=None, 
                                          aggregator, time.monotonic() - started))):
             aggregator.add(batch)
         aggregator.flush()
+    if exports is not None:
+        exports.close()        # the last snapshot sent, before the summary line
     if session.lost and session.counting_in_kernel:
         warn(f"{session.lost} hits not counted: the map of keys is full (raise --max-keys)")
     elif session.lost:

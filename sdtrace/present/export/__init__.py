@@ -167,6 +167,12 @@ class Exports:
 
     def publish(self, result):
         """Hand the exporters a snapshot of `result` (a result of the command's plan)."""
+        snapshot = self.snapshot(result)
+        for exporter in self.exporters:
+            exporter.publish(snapshot)
+
+    def snapshot(self, result):
+        """The Snapshot of `result`, and of the session's losses now."""
         session = self.session
         if self.name is None:
             self.name = self.metric or metric_name(self.plan, session.sites)
@@ -181,22 +187,23 @@ class Exports:
             series.append((labels, value if isinstance(self.plan, Count)
                            else histogram_series(value)))
         in_kernel = session.counting_in_kernel
-        snapshot = Snapshot(
+        return Snapshot(
             self.name, _help(self.plan), "ns" if isinstance(self.plan, Latency) else "",
             not isinstance(self.plan, Count), tuple(name_part(key.text) for key in result.keys),
             tuple(series), 0 if in_kernel else session.lost,
             overflow + (session.lost if in_kernel else 0), self.started_ns, time.time_ns())
-        for exporter in self.exporters:
-            exporter.publish(snapshot)
 
     def close(self, final=True):
         """Publish the final result (`final`: the session ended well), then stop
-        every exporter."""
+        every exporter; once."""
+        exporters, self.exporters = self.exporters, []
         try:
-            if final and self.aggregator is not None:
-                self.publish(self.aggregator.result())
+            if final and exporters and self.aggregator is not None:
+                snapshot = self.snapshot(self.aggregator.result())
+                for exporter in exporters:
+                    exporter.publish(snapshot)
         finally:
-            for exporter in self.exporters:
+            for exporter in exporters:
                 exporter.close()
 
     def __enter__(self):
