@@ -131,17 +131,18 @@ class Session:
         else:
             _log.debug("semaphores: %s, as asked", self.semaphores)
         selected, waiting = self._select()
+        companions = [] if waiting else self._companions(selected)
         if self.command is not None:
             from .command import Command
 
-            holding = (waiting or self.semaphores == "user"
-                       or bool(self._companions(selected, quiet=True)))
+            holding = waiting or self.semaphores == "user" or bool(companions)
             self._command = Command(self.command, on_load=self._on_load if holding else None,
                                     on_patch=self._guard_patch if holding else None)
             self.child = self._command.start()
         if waiting:
             selected = self._wait_for(waiting, selected)
-        self._arm_selected(selected)
+            companions = self._companions(selected)
+        self._arm_selected(selected, companions)
         if self._command is not None:
             if waiting:
                 self._loaded.armed.set()     # the command, stopped at that load, goes on
@@ -151,8 +152,9 @@ class Session:
         _log.debug("attached %d site(s) with the %s executor in %.3f s", len(self.sites),
                    self.executor, time.monotonic() - started)
 
-    def _arm_selected(self, selected):
-        """Choose the executor, start raising what sdtrace raises itself, arm `selected`."""
+    def _arm_selected(self, selected, companions):
+        """Choose the executor, start raising what sdtrace raises itself (the semaphores
+        of `companions` too), arm `selected`."""
         self.executor, why = choose_executor(self.executor,
                                              {site.machine for site, _spec in selected})
         _log.debug("executor: %s (%s)", self.executor, why)
@@ -162,7 +164,6 @@ class Session:
             self.warnings.append("--string-size applies to the bpf executor: the tracefs "
                                  "executor reads whole strings")
         user_mode = self.semaphores == "user"
-        companions = self._companions(selected)
         if user_mode or companions:          # sdtrace writes counters itself
             from ..kernel import procfs
             from ..semaphores import guardian, manager
@@ -309,10 +310,10 @@ class Session:
         if self._manager is not None:
             self._manager.guard_patch(patch, planted)
 
-    def _companions(self, selected, quiet=False):
+    def _companions(self, selected):
         """The sites whose semaphore is raised without arming them, because a selected
         probe fires only while it is (providers.SEMAPHORE_COMPANIONS); each is said
-        in one line unless `quiet`.  A companion selected itself is armed as usual."""
+        in one line.  A companion selected itself is armed as usual."""
         from ..discovery import notes, providers
 
         chosen = {(site.file, site.provider, site.name) for site, _spec in selected}
@@ -328,7 +329,7 @@ class Session:
                      and site.name == companion and site.semaphore is not None]
             if sites:
                 companions += sites
-                quiet or self.warnings.append(
+                self.warnings.append(
                     f"raising {provider}:{companion}'s semaphore without arming it: "
                     f"{provider}:{name} fires for every call only while it is raised")
         return companions
