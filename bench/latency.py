@@ -9,9 +9,10 @@ the same process first:
                                       durations counted in maps;
   sdtrace latency --executor tracefs  every hit a record, paired in Python.
 
-Both take `--arm python:line --match funcname --by funcname -p PID
-python:function__entry python:function__return` (CPython 3.11 fires
-function__entry for every frame only while python:line is armed).  Both
+Both take `--match funcname --by funcname -p PID python:function__entry
+python:function__return` (the sessions raise python:line's semaphore
+themselves, without arming it: CPython 3.11 fires function__entry for every
+frame only while it is raised).  Both
 sessions hold the same uprobes at once, so every hit runs both tracers'
 handlers, in the same order at START and at END: the two measure the same
 calls.  Per function: the calls each counted (must be equal, and the
@@ -55,7 +56,7 @@ def main():
         for executor in EXECUTORS:
             tracers[executor] = subprocess.Popen(
                 [sys.executable, "-m", "sdtrace", "latency", "--json", "--executor", executor,
-                 "--buffer-pages", "4096", "--arm", "python:line", "--match", "funcname",
+                 "--buffer-pages", "4096", "--match", "funcname",
                  "--by", "funcname", "-p", str(script.pid), "python:function__entry",
                  "python:function__return"],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENVIRONMENT)
