@@ -1,9 +1,10 @@
-"""Runtimes' quirks, handled by the session for every command (providers.SEMAPHORE_COMPANIONS).
+"""Runtimes' quirks, handled by the session for every command (discovery/providers.py).
 
 CPython 3.11 fires function__entry/function__return for Python-to-Python calls
 only while python:line's semaphore is raised: the session raises it without
 arming python:line, once per process, and lowers it at the end, in both
-semaphore modes and on both executors.
+semaphore modes and on both executors.  HotSpot fires its method probes only
+under a flag: a session says in one line when the JVM it traces lacks it.
 """
 import json
 import os
@@ -11,8 +12,8 @@ import subprocess
 
 import pytest
 
-from helpers import SYSTEM_PYTHON, counter, holds_for, sdtrace, sdtrace_command, until_armed, \
-    semaphore_offsets, summary_counts
+from helpers import (LIBJVM, SYSTEM_PYTHON, counter, holds_for, sdtrace, sdtrace_command,
+                     semaphore_offsets, summary_counts, until_armed)
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("executor"),
               pytest.mark.skipif(not os.path.exists(SYSTEM_PYTHON),
@@ -99,3 +100,34 @@ def test_a_line_traced_too_is_armed_as_usual(tmp_path):
                      "python:line")
     assert result.returncode == 0, result.stderr
     assert COMPANION_LINE not in result.stderr
+
+
+RULE_LINE = "hotspot:method__entry will not fire; start it with -XX:+DTraceMethodProbes"
+
+
+@pytest.mark.skipif(not os.path.exists(LIBJVM), reason="OpenJDK 17 is not installed")
+@pytest.mark.parametrize("flag", [None, "-XX:+ExtendedDTraceProbes"])
+def test_a_jvm_command_without_the_method_probes_flag_is_said(java_classes, flag):
+    command = " ".join(word for word in ("java", flag, "-cp", java_classes, "Calls", "10")
+                       if word)
+    result = sdtrace("count", "-c", command, "hotspot:method__entry")
+    assert result.returncode == 0, result.stderr
+    said = [line for line in result.stderr.splitlines() if RULE_LINE in line]
+    assert said == ([] if flag else [f"sdtrace: warning: the command's JVM runs without "
+                                     f"-XX:+DTraceMethodProbes: {RULE_LINE}"])
+
+
+@pytest.mark.skipif(not os.path.exists(LIBJVM), reason="OpenJDK 17 is not installed")
+def test_a_running_jvm_without_the_flag_is_said_from_its_memory(java_classes):
+    jvm = subprocess.Popen(["java", "-cp", java_classes, "Work"], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert jvm.stdout.readline() == "ready\n"
+        result = sdtrace("count", "-d", "0.2", "-p", str(jvm.pid), "hotspot:method__entry")
+        assert result.returncode == 0, result.stderr
+        assert (f"sdtrace: warning: process {jvm.pid}'s JVM runs without "
+                f"-XX:+DTraceMethodProbes (read from its memory): {RULE_LINE}"
+                in result.stderr.splitlines()), result.stderr
+    finally:
+        jvm.kill()
+        jvm.communicate()

@@ -163,6 +163,7 @@ class Session:
         if self.executor == "tracefs" and self.string_size is not None:
             self.warnings.append("--string-size applies to the bpf executor: the tracefs "
                                  "executor reads whole strings")
+        self._say_unmet_rules(selected)
         user_mode = self.semaphores == "user"
         if user_mode or companions:          # sdtrace writes counters itself
             from ..kernel import procfs
@@ -309,6 +310,24 @@ class Session:
         """User mode: the guardian undoes the command's loader int3 if this process dies."""
         if self._manager is not None:
             self._manager.guard_patch(patch, planted)
+
+    def _say_unmet_rules(self, selected):
+        """One line per runtime rule (providers.RUNTIME_RULES) a selected probe needs and
+        the traced process or command lacks (discovery/rules.py: a JVM flag, an
+        environment variable); system-wide, what the processes need."""
+        from ..discovery import rules
+
+        needed = rules.needed(dict.fromkeys((site.provider, site.name)
+                                            for site, _spec in selected))
+        for rule, probe in needed.items():
+            if self.pid is None and self.command is None:
+                self.warnings.append(f"{probe} fires only in processes started with "
+                                     f"{rules.setting(rule)}")
+                continue
+            lack = rules.unmet(rule, self.pid, self.command)
+            if lack is not None:
+                self.warnings.append(f"{lack}: {probe} will not fire; start it with "
+                                     f"{rules.setting(rule)}")
 
     def _companions(self, selected):
         """The sites whose semaphore is raised without arming them, because a selected

@@ -96,64 +96,39 @@ def add_jvm_probes_option(parser):
 def check_rules(args, found, probes, warn):
     """Ends with a one-line error when a runtime the session reaches cannot fire
     `probes` (its provider's probe names) for want of what providers.RUNTIME_RULES
-    names: a JVM flag -p's JVM was started without (read by discovery/jvm.py) or
-    -c's command does not give (--jvm-probes gives it, in JAVA_TOOL_OPTIONS), an
+    names (discovery/rules.py): a JVM flag -p's JVM was started without or -c's
+    command does not give (--jvm-probes gives it, in JAVA_TOOL_OPTIONS), an
     environment variable.  System-wide, `warn` says once what the processes need."""
-    import os
-
-    from ..discovery import providers
-
-    for item in found:
-        rules = {}
-        for probe in probes:
-            rule = providers.runtime_rule(item.runtime.provider, probe)
-            if rule is not None:
-                rules.setdefault(rule, f"{item.runtime.provider}:{probe}")
-        for rule, probe in rules.items():
-            setting = (f"-XX:+{rule.setting}" if rule.kind == providers.JVM_FLAG
-                       else rule.setting)
-            if args.pid is None and args.command is None:
-                warn(f"{probe} fires only in processes started with {setting}")
-            elif rule.kind == providers.JVM_FLAG and args.command is not None \
-                    and getattr(args, "jvm_probes", False):
-                options = os.environ.get("JAVA_TOOL_OPTIONS", "")
-                os.environ["JAVA_TOOL_OPTIONS"] = f"{options} {setting}".strip()
-            else:
-                _check_rule(args, rule, probe, setting)
-
-
-def _check_rule(args, rule, probe, setting):
     import os
     import shlex
 
-    from ..discovery import jvm, providers
+    from ..discovery import providers, rules
 
-    if rule.kind == providers.JVM_FLAG:
-        if args.pid is not None:
-            values, where = jvm.running_flags(args.pid)
-            if values is None or values[rule.setting]:
-                return
-            raise SdtraceError(f"process {args.pid}'s JVM runs without {setting} (read from "
-                               f"{where}): {probe} never fires in it; restart it with "
-                               f"{setting}")
-        if not jvm.option_flags(shlex.split(args.command), os.environ)[rule.setting]:
-            raise SdtraceError(f"{probe} fires only in a JVM started with {setting}: add "
-                               f"--jvm-probes (puts it in JAVA_TOOL_OPTIONS) or put it in "
-                               f"the command")
-        return
-    name, _, value = rule.setting.partition("=")
-    if args.pid is not None:
-        from ..kernel.procfs import read_proc
-
-        environ = read_proc(args.pid, "environ").split(b"\0")
-        given = f"{name}={value}".encode() in environ
-        whose = f"process {args.pid} was started"
-    else:
-        given = os.environ.get(name) == value
-        whose = "the command runs"
-    if not given:
-        raise SdtraceError(f"{probe} fires only with {setting} in the environment, and "
-                           f"{whose} without it")
+    for item in found:
+        needed = rules.needed((item.runtime.provider, probe) for probe in probes)
+        for rule, probe in needed.items():
+            setting = rules.setting(rule)
+            if args.pid is None and args.command is None:
+                warn(f"{probe} fires only in processes started with {setting}")
+                continue
+            if rule.kind == providers.JVM_FLAG and args.command is not None \
+                    and getattr(args, "jvm_probes", False):
+                options = os.environ.get("JAVA_TOOL_OPTIONS", "")
+                os.environ["JAVA_TOOL_OPTIONS"] = f"{options} {setting}".strip()
+                continue
+            lack = rules.unmet(rule, args.pid,
+                               None if args.command is None else shlex.split(args.command))
+            if lack is None:
+                continue
+            if args.pid is not None:
+                raise SdtraceError(f"{lack}: {probe} never fires in it; restart it with "
+                                   f"{setting}")
+            if rule.kind == providers.JVM_FLAG:
+                raise SdtraceError(f"{probe} fires only in a JVM started with {setting}: add "
+                                   f"--jvm-probes (puts it in JAVA_TOOL_OPTIONS) or put it in "
+                                   f"the command")
+            raise SdtraceError(f"{probe} fires only with {setting} in the environment, and "
+                               f"the command runs without it")
 
 
 def require_bpf(args, why):
