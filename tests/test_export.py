@@ -496,3 +496,19 @@ def test_an_unreachable_collector_is_a_warning_line(fixtures):
     warnings = [line for line in result.stderr.splitlines() if "otlp" in line]
     assert warnings and all(line.startswith("sdtrace: warning: otlp: ") for line in warnings)
     assert "Traceback" not in result.stderr and summary_counts(result.stderr) == (10, 0)
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize("executor", ["tracefs"], indirect=True)
+def test_prometheus_shows_the_hits_the_rings_had_no_room_for(fixtures, prometheus, executor):
+    """One ring page per CPU and a flood of 200,000 hits: hits are lost, and the scrape
+    says so (tracefs: every hit is a record; on bpf a count has no records to lose)."""
+    with Target(fixtures.path("flood")) as target:
+        _reply, moment, out, err = exported(
+            prometheus, lambda: target.send("fire 200000"),
+            "count", "--buffer-pages", "1", "-p", str(target.pid), "flood:hit")
+    received, lost = summary_counts(err)
+    [scraped] = prometheus.values("sdtrace_events_lost_total", moment).values()
+    assert 0 < scraped <= lost
+    [counted] = prometheus.values("sdtrace_flood_hit_total", moment).values()
+    assert counted <= received and received + lost == 200000
