@@ -560,6 +560,7 @@ class Library:
 
 # The machine's real SDT-enabled binaries; a test skips one that is not installed.
 SYSTEM_PYTHON = "/usr/bin/python3.11"      # Debian's build, with SDT markers
+PYTHON_CALLS = os.path.join(FIXTURES_DIR, "calls.py")   # g calls f: see its docstring
 LIBPYTHON = "/usr/lib/x86_64-linux-gnu/libpython3.11.so.1.0"
 POSTGRES_BIN = "/usr/lib/postgresql/15/bin"
 LIBJVM = "/usr/lib/jvm/java-17-openjdk-amd64/lib/server/libjvm.so"

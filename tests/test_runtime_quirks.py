@@ -12,28 +12,14 @@ import subprocess
 
 import pytest
 
-from helpers import (LIBJVM, SYSTEM_PYTHON, counter, holds_for, sdtrace, sdtrace_command,
-                     semaphore_offsets, summary_counts, until_armed)
+from helpers import (LIBJVM, PYTHON_CALLS, SYSTEM_PYTHON, counter, holds_for, sdtrace,
+                     sdtrace_command, semaphore_offsets, summary_counts, until_armed)
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("executor"),
               pytest.mark.skipif(not os.path.exists(SYSTEM_PYTHON),
                                  reason="Debian's python3.11 is not installed")]
 
 CALLS = 20_000
-SCRIPT = """\
-import sys
-def f(x):
-    return x + 1
-def g(x):
-    return f(x) * 2
-if len(sys.argv) > 2:
-    print("ready", flush=True)
-    sys.stdin.readline()
-for i in range(int(sys.argv[1])):
-    g(i)
-print("done", flush=True)
-sys.stdin.readline() if len(sys.argv) > 2 else None
-"""
 COMPANION_LINE = "raising python:line's semaphore without arming it"
 
 
@@ -43,13 +29,11 @@ def _line_semaphore():
 
 
 @pytest.mark.parametrize("semaphores", ["kernel", "user"])
-def test_every_python_call_is_counted_without_arming_line(tmp_path, semaphores):
-    script = tmp_path / "calls.py"
-    script.write_text(SCRIPT)
-    result = sdtrace("count", "--json", "--semaphores", semaphores, "--by", "funcname",  # 'done' first
-                     "-c", f"{SYSTEM_PYTHON} {script} {CALLS}", "python:function__entry")
+def test_every_python_call_is_counted_without_arming_line(semaphores):
+    result = sdtrace("count", "--json", "--semaphores", semaphores, "--by", "funcname",
+                     "-c", f"{SYSTEM_PYTHON} {PYTHON_CALLS} {CALLS}", "python:function__entry")
     assert result.returncode == 0, result.stderr
-    counts = {row["funcname"]: row["count"] for row in map(json.loads, result.stdout.splitlines()[1:])}
+    counts = {row["funcname"]: row["count"] for row in map(json.loads, result.stdout.splitlines())}
     assert counts["f"] == counts["g"] == CALLS
     lines = result.stderr.splitlines()
     assert sum(COMPANION_LINE in line for line in lines) == 1, result.stderr
@@ -58,11 +42,9 @@ def test_every_python_call_is_counted_without_arming_line(tmp_path, semaphores):
 
 
 @pytest.mark.parametrize("semaphores", ["kernel", "user"])
-def test_the_line_semaphore_is_raised_once_and_lowered(tmp_path, semaphores):
-    script = tmp_path / "calls.py"
-    script.write_text(SCRIPT)
+def test_the_line_semaphore_is_raised_once_and_lowered(semaphores):
     offset = _line_semaphore()
-    target = subprocess.Popen([SYSTEM_PYTHON, str(script), str(CALLS), "wait"],
+    target = subprocess.Popen([SYSTEM_PYTHON, PYTHON_CALLS, str(CALLS), "1", "wait"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     tracer = None
     try:
@@ -93,10 +75,8 @@ def test_the_line_semaphore_is_raised_once_and_lowered(tmp_path, semaphores):
         target.communicate()
 
 
-def test_a_line_traced_too_is_armed_as_usual(tmp_path):
-    script = tmp_path / "calls.py"
-    script.write_text(SCRIPT)
-    result = sdtrace("count", "-c", f"{SYSTEM_PYTHON} {script} 100", "python:function__entry",
+def test_a_line_traced_too_is_armed_as_usual():
+    result = sdtrace("count", "-c", f"{SYSTEM_PYTHON} {PYTHON_CALLS} 100", "python:function__entry",
                      "python:line")
     assert result.returncode == 0, result.stderr
     assert COMPANION_LINE not in result.stderr

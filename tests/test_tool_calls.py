@@ -5,61 +5,40 @@ import os
 
 import pytest
 
-from helpers import LIBJVM, SYSTEM_PYTHON, one_line_error, sdtrace, summary_counts
+from helpers import LIBJVM, PYTHON_CALLS, SYSTEM_PYTHON, one_line_error, sdtrace, summary_counts
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("executor")]
 
 CALLS = 30_000
-SCRIPT = """\
-import sys, threading
-def f(x):
-    return x + 1
-def g(x):
-    return f(x) * 2
-def work():
-    for i in range(int(sys.argv[1])):
-        g(i)
-thread = threading.Thread(target=work, name="worker")
-thread.start()
-thread.join()
-work()
-"""
 
 
 def _rows(stdout):
     return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
 
 
-@pytest.fixture
-def script(tmp_path):
-    path = tmp_path / "calls.py"
-    path.write_text(SCRIPT)
-    return path
-
-
 @pytest.mark.skipif(not os.path.exists(SYSTEM_PYTHON), reason="Debian's python3.11 is missing")
 @pytest.mark.parametrize("latency", [False, True])
-def test_python_calls_are_counted_exactly(script, latency):
+def test_python_calls_are_counted_exactly(latency):
     result = sdtrace("calls", "--json", "--string-size", "256", *(["--latency"] if latency else []),
-                     "-c", f"{SYSTEM_PYTHON} {script} {CALLS}")
+                     "-c", f"{SYSTEM_PYTHON} {PYTHON_CALLS} {CALLS} 2")
     assert result.returncode == 0, result.stderr
     rows = {(row["file"], row["function"]): row for row in _rows(result.stdout)}
     for function in ("f", "g"):
-        row = rows[(str(script), function)]
+        row = rows[(PYTHON_CALLS, function)]
         assert row["count"] == 2 * CALLS
         if latency:
             assert row["total_ns"] > 0 and row["mean_ns"] == row["total_ns"] // row["count"]
         else:
             assert "total_ns" not in row
-    assert rows[(str(script), "g")].get("total_ns", 1) > rows[(str(script), "f")].get(
+    assert rows[(PYTHON_CALLS, "g")].get("total_ns", 1) > rows[(PYTHON_CALLS, "f")].get(
         "total_ns", 0)                                    # g's time holds f's
     assert summary_counts(result.stderr)[1] == 0
 
 
 @pytest.mark.skipif(not os.path.exists(SYSTEM_PYTHON), reason="Debian's python3.11 is missing")
-def test_by_thread_splits_the_counts(script):
+def test_by_thread_splits_the_counts():
     result = sdtrace("calls", "--json", "--by", "thread", "--latency", "--string-size", "256",
-                     "-c", f"{SYSTEM_PYTHON} {script} {CALLS}")
+                     "-c", f"{SYSTEM_PYTHON} {PYTHON_CALLS} {CALLS} 2")
     assert result.returncode == 0, result.stderr
     f_rows = [row for row in _rows(result.stdout) if row["function"] == "f"]
     assert sorted(row["count"] for row in f_rows) == [CALLS, CALLS]

@@ -5,19 +5,11 @@ import os
 
 import pytest
 
-from helpers import LIBJVM, SYSTEM_PYTHON, sdtrace
+from helpers import LIBJVM, PYTHON_CALLS, SYSTEM_PYTHON, sdtrace
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("executor")]
 
 CALLS = 500
-SCRIPT = """\
-def f(x):
-    return x + 1
-def g(x):
-    return f(x) * 2
-for i in range(CALLS):
-    g(i)
-""".replace("CALLS", str(CALLS))
 
 
 def _events(stdout):
@@ -26,11 +18,9 @@ def _events(stdout):
 
 @pytest.mark.skipif(not os.path.exists(SYSTEM_PYTHON), reason="Debian's python3.11 is missing")
 def test_python_calls_nest_per_thread(tmp_path):
-    script = tmp_path / "flow.py"
-    script.write_text(SCRIPT)
     timeline = tmp_path / "flow.json"
-    result = sdtrace("flow", "--json", "--string-size", "256", "--filter", "*flow.py.[fg]",
-                     "--perfetto", str(timeline), "-c", f"{SYSTEM_PYTHON} {script}")
+    result = sdtrace("flow", "--json", "--string-size", "256", "--filter", "*calls.py.[fg]",
+                     "--perfetto", str(timeline), "-c", f"{SYSTEM_PYTHON} {PYTHON_CALLS} {CALLS}")
     assert result.returncode == 0, result.stderr
     events = _events(result.stdout)
     calls = [(event["event"], event["call"].rpartition(".")[2], event["depth"])
