@@ -97,6 +97,7 @@ class Session:
         self._manager = None     # semaphores.manager.SemaphoreManager, in user mode
         self._executor = None    # the executor's object, once armed
         self._loaded = None      # a command's specs waiting for an object: _Loaded
+        self.unmatched = []      # specs that waited and were not armed: nothing matched them
         self.stop = stop         # stop(): true when the user asked to stop (while waiting)
 
     @property
@@ -233,9 +234,7 @@ class Session:
         """The sites `parsed` select in `objects`, the specs that select none said."""
         unmatched = []
         selected = specs.select_probes(parsed, objects, unmatched)
-        if unmatched:
-            self.warnings.append(f"not armed: {', '.join(spec.text for spec in unmatched)} "
-                                 "matched nothing in what was loaded by then")
+        self.unmatched = [spec.text for spec in unmatched]
         return selected
 
     def _check_stop(self, names):

@@ -50,7 +50,8 @@ LATE_RAISES_NAMED = 5     # processes named one per line; beyond, a count and th
 
 def say_session_end(session):
     """The lines before the summary: processes whose semaphore user mode raised after
-    their exec (hits before it were missed), and what became of -c's command."""
+    their exec (hits before it were missed), specs that waited for a library and were
+    never armed, and what became of -c's command."""
     late = sorted(session.late_raises, key=lambda raise_: -raise_[2])
     for pid, comm, seconds in late[:LATE_RAISES_NAMED]:
         sys.stderr.write(f"sdtrace: semaphore of {pid} ({comm}) raised {seconds * 1e3:.1f} ms "
@@ -58,6 +59,9 @@ def say_session_end(session):
     if len(late) > LATE_RAISES_NAMED:
         sys.stderr.write(f"sdtrace: and of {len(late) - LATE_RAISES_NAMED} more processes, "
                          f"up to {late[LATE_RAISES_NAMED][2] * 1e3:.1f} ms after exec\n")
+    if session.unmatched:
+        sys.stderr.write(f"sdtrace: never armed: {', '.join(session.unmatched)}: nothing the "
+                         "traced process loaded had it\n")
     if session.command_ending:
         sys.stderr.write(f"sdtrace: {session.command_ending}\n")
 
