@@ -101,3 +101,11 @@ def test_a_library_loaded_by_a_child_of_the_command(fixtures):
                      "semlib:tick", stdin=f"load\nfire {TICKS}\n")
     assert result.returncode == 0, result.stderr
     assert _ticks(result.stdout) == TICKS
+
+
+def test_a_spec_refused_when_it_comes_ends_the_session_and_lets_the_command_go(fixtures):
+    result = sdtrace("count", "-c", f"{fixtures.path('semuser')} {fixtures.path('libsdtsem.so')}",
+                     "semlib:tick(str,str,str,str)", stdin=f"load\nfire {TICKS}\n", timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines()[-1] == ("sdtrace: semlib:tick: 4 types given but the "
+                                              "probe has 2 arguments")

@@ -143,11 +143,12 @@ class Session:
         if waiting:
             selected = self._wait_for(waiting, selected)
             companions = self._companions(selected)
-        self._arm_selected(selected, companions)
+        try:
+            self._arm_selected(selected, companions)
+        finally:
+            self._let_loaded_go()
         if self._command is not None:
-            if waiting:
-                self._loaded.armed.set()     # the command, stopped at that load, goes on
-            else:
+            if not waiting:
                 self._command.release()
             self.warnings.extend(self._command.warnings)
         _log.debug("attached %d site(s) with the %s executor in %.3f s", len(self.sites),
@@ -201,8 +202,8 @@ class Session:
         self.warnings.append(f"waiting for {names}: nothing {whose} maps has it yet; armed "
                              "when an object that has it is loaded")
         if selected:
-            self.warnings.append(f"the other specs are armed then too: their hits before "
-                                 f"are not seen")
+            self.warnings.append("the other specs are armed then too: their hits before "
+                                 "are not seen")
         parsed = [specs.parse_spec(text) for text in self.spec_texts]
         if self.command is not None:
             self._loaded = _Loaded(waiting)
@@ -217,12 +218,13 @@ class Session:
         from ..kernel import procfs
 
         starttime = procfs.read_starttime(self.pid)
+        known = {}               # path -> its sites: each object's notes are read once
         while True:
             try:
                 objects = targets.process_objects(self.pid, self.warnings.append)
             except SdtraceError:
                 objects = None
-            if objects is not None and _any_match(waiting, objects):
+            if objects is not None and _any_match(waiting, objects, known):
                 return self._select_loaded(parsed, objects)
             if not procfs.alive(self.pid, starttime):
                 raise SdtraceError(f"{names}: matched nothing in what process {self.pid} "
@@ -236,6 +238,12 @@ class Session:
         selected = specs.select_probes(parsed, objects, unmatched)
         self.unmatched = [spec.text for spec in unmatched]
         return selected
+
+    def _let_loaded_go(self):
+        """The command stopped at the load that armed the session goes on (armed or not:
+        a session that failed to arm must not leave it waiting)."""
+        if self._loaded is not None:
+            self._loaded.armed.set()
 
     def _check_stop(self, names):
         if self.stop is not None and self.stop():
@@ -441,6 +449,7 @@ class Session:
     def close(self):
         """Disarm and delete everything this session armed; safe to call twice."""
         started, armed = time.monotonic(), self._executor is not None
+        self._let_loaded_go()
         if self._command is not None and not self._command_closed:
             self._end_command()
         if self._executor is not None:
@@ -481,12 +490,17 @@ class _Loaded:
         self.armed = threading.Event()
 
 
-def _any_match(waiting, objects):
-    """Whether a spec of `waiting` selects a site in `objects` (targets.ObjectFiles)."""
+def _any_match(waiting, objects, known=None):
+    """Whether a spec of `waiting` selects a site in `objects` (targets.ObjectFiles);
+    `known` ({path: sites}) keeps the sites read for the next call."""
     from ..discovery import notes
 
-    sites = [site for item in objects for site in notes.read_probes(item.path)]
-    return any(spec.matches(site) for site in sites for spec in waiting)
+    known = {} if known is None else known
+    for item in objects:
+        if item.path not in known:
+            known[item.path] = notes.read_probes(item.path)
+    return any(spec.matches(site) for item in objects for site in known[item.path]
+               for spec in waiting)
 
 
 class _Warnings(list):
