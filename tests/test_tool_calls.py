@@ -62,3 +62,8 @@ def test_java_calls_are_counted_exactly(java_classes, executor):
 def test_java_without_the_flag_is_one_line_naming_it(java_classes):
     result = sdtrace("calls", "-c", f"java -cp {java_classes} Calls 10")
     one_line_error(result, "-XX:+DTraceMethodProbes", "--jvm-probes")
+
+
+def test_a_command_that_could_run_either_runtime_is_one_line(java_classes):
+    result = sdtrace("calls", "-c", f"sh -c 'java -cp {java_classes} Calls 10'")
+    one_line_error(result, "one runtime at a time", "Python", "Java", "TARGET")

@@ -19,6 +19,7 @@ BPF executor counts and times every call in the kernel, exactly.
 import json
 import sys
 
+from ..errors import SdtraceError
 from .runtimes import JAVA, PYTHON
 
 HELP = "calls per function or method, with --latency their durations (like ucalls)"
@@ -53,6 +54,10 @@ def run(args):
     from . import runtimes
 
     found = runtimes.present(runtimes.find(args, tuple(PROBES)), args)
+    if len(found) > 1:         # the keys are the names, whose arguments differ by runtime
+        raise SdtraceError(f"calls counts one runtime at a time, and this session could "
+                           f"reach {' and '.join(item.runtime.name for item in found)}: name "
+                           "the runtime's file as TARGET")
     entry, exit_, names = PROBES[found[0].runtime]
     runtimes.check_rules(args, found, (entry, exit_), runner.warn)
     if any(item.runtime == JAVA for item in found):

@@ -147,9 +147,10 @@ def require_bpf(args, why):
 
 def present(found, args):
     """The runtimes of `found` already there, if any: a -c command that maps one runtime
-    is not waited on for another (a spec that waits holds every spec back until all
-    arm).  If all wait, a command whose program is a JDK's launcher waits for Java
-    alone (discovery/jvm.java_home); otherwise all of them wait."""
+    is not waited on for another (a spec that waits holds every spec back until the
+    session arms).  If all wait, a command whose program is a JDK's launcher waits for
+    Java alone (discovery/jvm.java_home); otherwise all of them wait, and the session
+    arms the first that comes."""
     there = [item for item in found if not item.waiting]
     if there or args.command is None:
         return there or found
