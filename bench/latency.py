@@ -12,12 +12,20 @@ the same process first:
 Both take `--match funcname --by funcname -p PID python:function__entry
 python:function__return` (the sessions raise python:line's semaphore
 themselves, without arming it: CPython 3.11 fires function__entry for every
-frame only while it is raised).  Both
-sessions hold the same uprobes at once, so every hit runs both tracers'
-handlers, in the same order at START and at END: the two measure the same
-calls.  Per function: the calls each counted (must be equal, and the
-script's own count) and the total time each measured, their difference per
-call.  Also each tracer's summary line.
+frame only while it is raised).  Both sessions hold the same uprobes at
+once, so every hit runs both tracers' handlers, in the same order at START
+and at END: the two measure the same calls, and each measures the other's
+handler where it runs between its own two clock reads.  The kernel runs the
+consumer attached last first, so tracefs attaches first: the bpf program
+reads the clock first at every hit, with nothing of tracefs's inside its
+durations, and tracefs's durations hold what the bpf program does at an
+END beyond what it does at a START (pop and count against push), the same
+for every function.  (In the other order tracefs's ring wake-ups, one per
+so many samples, land inside bpf's durations: at the same hit of the
+script's 8-hit cycle each time, so on one function.)  Per function: the
+calls each counted (must be equal, and the script's own count) and the
+total time each measured, their difference per call.  Also each tracer's
+summary line.
 
 Run as root: python3 bench/latency.py [CALLS]   (default 20,000)
 """
@@ -44,7 +52,7 @@ for i in range({CALLS}):
     outer(i)
 """
 EXPECTED = {"outer": CALLS, "middle": CALLS, "leaf": 2 * CALLS}
-EXECUTORS = ("bpf", "tracefs")
+EXECUTORS = ("tracefs", "bpf")
 
 
 def main():
