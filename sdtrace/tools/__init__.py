@@ -17,7 +17,7 @@ nothing heavy at their top, so building the parser stays cheap.
 """
 import importlib
 
-TOOLS = ("calls", "flow", "gc", "objnew", "threads", "queries")
+TOOLS = ("calls", "flow", "gc", "objnew", "threads", "stat", "queries")
 
 
 def tool(name):

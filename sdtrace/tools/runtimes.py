@@ -99,7 +99,6 @@ def check_rules(args, found, probes, warn):
     names (discovery/rules.py): a JVM flag -p's JVM was started without or -c's
     command does not give (--jvm-probes gives it, in JAVA_TOOL_OPTIONS), an
     environment variable.  System-wide, `warn` says once what the processes need."""
-    import os
     import shlex
 
     from ..discovery import providers, rules
@@ -113,8 +112,7 @@ def check_rules(args, found, probes, warn):
                 continue
             if rule.kind == providers.JVM_FLAG and args.command is not None \
                     and getattr(args, "jvm_probes", False):
-                options = os.environ.get("JAVA_TOOL_OPTIONS", "")
-                os.environ["JAVA_TOOL_OPTIONS"] = f"{options} {setting}".strip()
+                give_jvm_flag(rule)
                 continue
             lack = rules.unmet(rule, args.pid,
                                None if args.command is None else shlex.split(args.command))
@@ -129,6 +127,16 @@ def check_rules(args, found, probes, warn):
                                    f"the command")
             raise SdtraceError(f"{probe} fires only with {setting} in the environment, and "
                                f"the command runs without it")
+
+
+def give_jvm_flag(rule):
+    """--jvm-probes: the JVM flag of `rule` goes in JAVA_TOOL_OPTIONS, for -c's JVM."""
+    import os
+
+    from ..discovery import rules
+
+    options = os.environ.get("JAVA_TOOL_OPTIONS", "")
+    os.environ["JAVA_TOOL_OPTIONS"] = f"{options} {rules.setting(rule)}".strip()
 
 
 def require_bpf(args, why):
