@@ -38,7 +38,7 @@ import subprocess
 import sys
 import tempfile
 
-from common import (ENVIRONMENT, FLOOD, HITS, REPO, bpftrace_ready, cpu_seconds, fire,
+from common import (ENVIRONMENT, FLOOD, REPO, bpftrace_ready, cpu_seconds, fire, hits_argument,
                     require_flood, settled, wait_for_line)
 from helpers import Target, summary_counts  # the fixtures' driver (common put tests/ on the path)
 
@@ -70,18 +70,19 @@ BPF = "sdtrace trace --executor bpf --json -o"
 TRACEFS = "sdtrace trace --executor tracefs --json -o"
 
 
-def untraced_ns_per_hit(flood):
-    """The cheapest of ROUNDS untraced bursts, in ns per round of flood's loop."""
-    bursts = [fire(flood, HITS // ROUNDS) for _ in range(ROUNDS)]
+def untraced_ns_per_hit(flood, hits):
+    """The cheapest of ROUNDS untraced bursts of hits / ROUNDS, in ns per round of flood's loop."""
+    bursts = [fire(flood, hits // ROUNDS) for _ in range(ROUNDS)]
     if any(fired for fired, _loop_ns in bursts):
         sys.exit("flood's semaphore is already raised: another tracer is attached; "
                  "run the benchmark on a quiet machine")
-    return min(loop_ns for _fired, loop_ns in bursts) / (HITS // ROUNDS)
+    return min(loop_ns for _fired, loop_ns in bursts) / (hits // ROUNDS)
 
 
-def measure_bursts(flood, command, untraced, ready):
-    """Per-hit figures of one tracer attached to `flood` over ROUNDS bursts (the cheapest
-    burst's cost in the target; the tracer's CPU over all of them); (figures, its stderr)."""
+def measure_bursts(flood, command, untraced, ready, hits):
+    """Per-hit figures of one tracer attached to `flood` over ROUNDS bursts of hits / ROUNDS
+    (the cheapest burst's cost in the target; the tracer's CPU over all of them); (figures,
+    its stderr)."""
     tracer = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True, env=ENVIRONMENT)
     costs, fired = [], 0
@@ -90,7 +91,7 @@ def measure_bursts(flood, command, untraced, ready):
         ready(tracer)
         started = cpu_seconds(tracer.pid)
         for _ in range(ROUNDS):
-            burst, loop_ns = fire(flood, HITS // ROUNDS)
+            burst, loop_ns = fire(flood, hits // ROUNDS)
             if not burst:
                 raise RuntimeError(f"{command[0]} did not raise the semaphore")
             costs.append((loop_ns / burst - untraced) / 1000)
@@ -105,29 +106,30 @@ def measure_bursts(flood, command, untraced, ready):
 
 def main():
     require_flood()
+    hits = hits_argument()
     rows, summaries = {}, {}
     with Target(FLOOD, timeout=600) as flood, tempfile.TemporaryDirectory() as scratch:
         os.sched_setaffinity(flood.pid, {FLOOD_CPU})
-        untraced = untraced_ns_per_hit(flood)
+        untraced = untraced_ns_per_hit(flood, hits)
         pid = str(flood.pid)
         rows[FLOOR], _ = measure_bursts(flood, [sys.executable, "-c", FLOOR_DRIVER, pid],
-                                        untraced, wait_for_line(READY))
+                                        untraced, wait_for_line(READY), hits)
         for name, executor in ((BPF, "bpf"), (TRACEFS, "tracefs")):
             rows[name], summaries[name] = measure_bursts(
                 flood, [sys.executable, "-m", "sdtrace", "trace", "--executor", executor,
                         "--json", "--buffer-pages", BUFFER_PAGES, "-o",
                         os.path.join(scratch, f"{executor}.json"), "-p", pid,
-                        "flood:hit(,str)"], untraced, wait_for_line(READY))
+                        "flood:hit(,str)"], untraced, wait_for_line(READY), hits)
         if shutil.which("bpftrace"):
             for name, action in (("bpftrace, empty action", ""),
                                  ("bpftrace, @ = count()", "@ = count();")):
                 rows[name], _ = measure_bursts(
                     flood, ["bpftrace", "-p", pid, "-e", f"usdt:{FLOOD}:flood:hit {{ {action} }}"],
-                    untraced, bpftrace_ready(flood))
+                    untraced, bpftrace_ready(flood), hits)
         else:
             rows["bpftrace (not installed: apt-get install bpftrace)"] = None
     floor = rows[FLOOR]["in_target"]
-    print(f"{HITS:,} hits of flood:hit(long, str) in {ROUNDS} bursts per tracer, the cheapest "
+    print(f"{hits:,} hits of flood:hit(long, str) in {ROUNDS} bursts per tracer, the cheapest "
           f"burst's cost in target; us per hit; the floor is the bare uprobe")
     print(f"{'':40} {'in target':>10} {'in tracer':>10} {'total':>10} {'target/floor':>13}")
     print(f"{'no tracing (loop ' + format(untraced, '.1f') + ' ns/hit)':40} "

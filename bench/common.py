@@ -5,7 +5,8 @@ The flood benchmarks (count.py, trace.py) drive tests/fixtures/flood.c, as
 built by the test suite, with the tests' own driver: importing this module
 puts tests/ on sys.path, so they import ``Target`` (and ``summary_counts``,
 the parser of sdtrace's summary line) from helpers.  ``[HITS]`` is their
-one argument.
+one argument, which their main() reads (hits_argument); importing this module
+reads no argument, since the other scripts' arguments are theirs.
 """
 import os
 import signal
@@ -17,12 +18,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
 FLOOD = os.path.join(REPO, "tests", "fixtures", "build", "O2", "flood")
-HITS = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
 
 # As installed by pip: byte-compiled.  (This machine sets PYTHONDONTWRITEBYTECODE,
 # which would make every run recompile sdtrace from source.)
 ENVIRONMENT = {name: value for name, value in os.environ.items()
                if name != "PYTHONDONTWRITEBYTECODE"}
+
+
+def hits_argument(default=1_000_000):
+    """The flood benchmarks' one argument, [HITS], for their main() to read."""
+    return int(sys.argv[1]) if len(sys.argv) > 1 else default
 
 
 def require_flood():
@@ -37,9 +42,10 @@ def fire(flood, hits):
     return int(reply[0].split()[1]), int(reply.done)
 
 
-def untraced_loop(flood):
-    """Nanoseconds of HITS rounds of flood's loop with its semaphore at 0; exits if it is raised."""
-    fired, loop_ns = fire(flood, HITS)
+def untraced_loop(flood, hits):
+    """Nanoseconds of `hits` rounds of flood's loop with its semaphore at 0; exits if it is
+    raised."""
+    fired, loop_ns = fire(flood, hits)
     if fired:
         sys.exit("flood's semaphore is already raised: another tracer is attached; "
                  "run the benchmark on a quiet machine")
@@ -69,15 +75,16 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS    # utime, stime
 
 
-def measure(flood, command, untraced_ns, ready, environment=None):
-    """Per-hit figures of one tracer attached to `flood`; returns (figures, tracer stderr)."""
+def measure(flood, command, untraced_ns, ready, hits, environment=None):
+    """Per-hit figures of one tracer attached to `flood` over `hits` hits (untraced_ns: the
+    untraced loop's nanoseconds for as many); returns (figures, tracer stderr)."""
     tracer = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                               stderr=subprocess.PIPE, text=True,
                               env={**ENVIRONMENT, **(environment or {})})
     try:
         ready(tracer)
         before = cpu_seconds(tracer.pid)
-        fired, loop_ns = fire(flood, HITS)
+        fired, loop_ns = fire(flood, hits)
         used = settled(lambda: cpu_seconds(tracer.pid))[0] - before
     finally:
         tracer.send_signal(signal.SIGINT)

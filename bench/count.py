@@ -42,39 +42,41 @@ import signal
 import subprocess
 import sys
 
-from common import (ENVIRONMENT, FLOOD, HITS, bpftrace_ready, measure, require_flood,
+from common import (ENVIRONMENT, FLOOD, bpftrace_ready, hits_argument, measure, require_flood,
                     untraced_loop, wait_for_line)
 from helpers import Target, at_once, summary_counts  # the fixtures' driver (common put tests/ on the path)
 
 BUFFER_PAGES = 1 << 15          # 128 MiB per CPU: a whole burst of ~100-byte samples
 
 
-def sdtrace_aggregate(flood, untraced_ns, *options):
-    """sdtrace count, or hist if `options` name an --arg, measured on `flood`."""
+def sdtrace_aggregate(flood, untraced_ns, hits, *options):
+    """sdtrace count, or hist if `options` name an --arg, measured on `flood` over `hits`."""
     command = "hist" if "--arg" in options else "count"
     return measure(flood, [sys.executable, "-m", "sdtrace", command, *options,
                            "--buffer-pages", str(BUFFER_PAGES), "-p", str(flood.pid),
-                           "flood:hit"], untraced_ns, wait_for_line("sdtrace: tracing"))
+                           "flood:hit"], untraced_ns, wait_for_line("sdtrace: tracing"), hits)
 
 
-def per_hit_costs():
-    """{row: figures}, {row: sdtrace's stderr}: each tracer on one flood, one at a time."""
+def per_hit_costs(hits):
+    """{row: figures}, {row: sdtrace's stderr}: each tracer on one flood, one at a time,
+    over `hits` hits."""
     rows, errs = {}, {}
     with Target(FLOOD, timeout=600) as flood:
-        untraced_ns = untraced_loop(flood)
+        untraced_ns = untraced_loop(flood, hits)
         probe = f"usdt:{FLOOD}:flood:hit"
         if shutil.which("bpftrace"):
             rows[FLOOR], _ = measure(
                 flood, ["bpftrace", "-p", str(flood.pid), "-e", f"{probe} {{ }}"], untraced_ns,
-                bpftrace_ready(flood))
+                bpftrace_ready(flood), hits)
             rows["bpftrace @[arg0] = count()"], _ = measure(
                 flood, ["bpftrace", "-p", str(flood.pid), "-e",
                         f"{probe} {{ @[arg0] = count(); }}"], untraced_ns, bpftrace_ready(flood),
-                {"BPFTRACE_MAP_KEYS_MAX": str(HITS + 4096)})
+                hits, {"BPFTRACE_MAP_KEYS_MAX": str(hits + 4096)})
             rows["bpftrace @ = hist(arg0)"], _ = measure(
                 flood, ["bpftrace", "-p", str(flood.pid), "-e",
-                        f"{probe} {{ @ = hist(arg0); }}"], untraced_ns, bpftrace_ready(flood))
-        keys = str(HITS + 4096)
+                        f"{probe} {{ @ = hist(arg0); }}"], untraced_ns, bpftrace_ready(flood),
+                hits)
+        keys = str(hits + 4096)
         for name, options in (
                 ("count --by arg0 (bpf: per-CPU array slot)", ("--by", "arg0", "--max-keys", keys)),
                 ("count --by probe (bpf: per-CPU array slot)", ("--by", "probe")),
@@ -83,12 +85,12 @@ def per_hit_costs():
                 ("count --by arg0 --executor tracefs", ("--by", "arg0", "--executor", "tracefs")),
                 ("hist --arg 0 (bpf: log-linear buckets)", ("--arg", "0"))):
             rows[f"sdtrace {name}"], errs[f"sdtrace {name}"] = sdtrace_aggregate(
-                flood, untraced_ns, *options)
+                flood, untraced_ns, hits, *options)
     return rows, errs
 
 
-def exactness():
-    """(sdtrace's total and lost, bpftrace's total) of PRODUCERS floods firing HITS each at
+def exactness(hits):
+    """(sdtrace's total and lost, bpftrace's total) of PRODUCERS floods firing `hits` each at
     once, counted system-wide."""
     floods = [Target(FLOOD, timeout=600) for _ in range(PRODUCERS)]
     for flood in floods:
@@ -107,7 +109,7 @@ def exactness():
                 wait_for_line("sdtrace: tracing")(tracer)
             else:
                 bpftrace_ready(floods[0])(tracer)
-            at_once(floods, f"fire {HITS}", timeout=600)
+            at_once(floods, f"fire {hits}", timeout=600)
             tracer.send_signal(signal.SIGINT)
             out, err = tracer.communicate(timeout=600)
             if name == "sdtrace":
@@ -123,9 +125,10 @@ def exactness():
 
 def main():
     require_flood()
-    rows, errs = per_hit_costs()
+    hits = hits_argument()
+    rows, errs = per_hit_costs(hits)
     floor = rows.get(FLOOR, {}).get("in_target")
-    print(f"{HITS:,} hits of flood:hit (arg0 runs 0..N-1: every hit a new key), per hit (us); "
+    print(f"{hits:,} hits of flood:hit (arg0 runs 0..N-1: every hit a new key), per hit (us); "
           f"x floor: in target / {FLOOR}'s")
     print(f"{'':52} {'in target':>10} {'in tracer':>10} {'total':>10} {'x floor':>8}")
     for name, figures in rows.items():
@@ -135,9 +138,9 @@ def main():
     for name, err in errs.items():
         received, lost = summary_counts(err)
         print(f"{name}: {received:,} counted, {lost:,} lost")
-    exact = exactness()
-    print(f"{PRODUCERS} floods x {HITS:,} hits at once, counted system-wide "
-          f"(expected {PRODUCERS * HITS:,}):")
+    exact = exactness(hits)
+    print(f"{PRODUCERS} floods x {hits:,} hits at once, counted system-wide "
+          f"(expected {PRODUCERS * hits:,}):")
     for name, (total, lost) in exact.items():
         print(f"  {name}: {total:,}" + ("" if lost is None else f" counted, {lost:,} lost"))
 

@@ -28,7 +28,8 @@ import sys
 import tempfile
 import time
 
-from common import ENVIRONMENT, FLOOD, HITS, fire, require_flood, settled, untraced_loop
+from common import (ENVIRONMENT, FLOOD, fire, hits_argument, require_flood, settled,
+                    untraced_loop)
 from helpers import Target, address_of, read_mem, summary_counts  # common put tests/ on the path
 
 
@@ -67,11 +68,11 @@ def start_tracer(command, flood, ready_text, stream):
     return process, armed
 
 
-def run_sdtrace(flood, untraced_ns, output, executor):
+def run_sdtrace(flood, untraced_ns, output, executor, hits):
     command = [sys.executable, "-m", "sdtrace", "trace", "--executor", executor, "--json",
                "-o", output, "-p", str(flood.pid), "flood:hit(,str)"]
     process, armed = start_tracer(command, flood, "sdtrace: tracing", subprocess.DEVNULL)
-    fired, elapsed, started = timed_fire(flood, HITS)
+    fired, elapsed, started = timed_fire(flood, hits)
     last_write = last_growth(output)
     process.send_signal(signal.SIGINT)
     _out, err = process.communicate(timeout=120)
@@ -81,10 +82,11 @@ def run_sdtrace(flood, untraced_ns, output, executor):
             "armed_ms": armed * 1000}
 
 
-def run_bpftrace(flood, untraced_ns, output, action):
-    """bpftrace with `action`: printf of both arguments (HITS/10: its printf path is
-    slow), or nothing at all, the floor: a bare uprobe's trap and BPF program."""
-    hits = max(1, HITS // 10) if action else HITS
+def run_bpftrace(flood, untraced_ns, output, action, untraced_hits):
+    """bpftrace with `action`: printf of both arguments (a tenth of the untraced loop's
+    hits: its printf path is slow), or nothing at all, the floor: a bare uprobe's trap and
+    BPF program."""
+    hits = max(1, untraced_hits // 10) if action else untraced_hits
     program = f'usdt:{FLOOD}:flood:hit {{ {action} }}'
     with open(output, "w") as stream:
         process, armed = start_tracer(["bpftrace", "-p", str(flood.pid), "-e", program],
@@ -96,7 +98,7 @@ def run_bpftrace(flood, untraced_ns, output, action):
         process.communicate(timeout=120)
     with open(output) as events:
         written = sum(1 for line in events if line[:1].isdigit()) if action else fired
-    untraced_share = untraced_ns * hits / HITS
+    untraced_share = untraced_ns * hits / untraced_hits
     return {"per_hit_us": (elapsed - untraced_share) / fired / 1000, "fired": fired,
             "written": written, "lost": fired - written, "rate": written / (last_write - started),
             "armed_ms": armed * 1000}
@@ -109,23 +111,24 @@ def last_growth(path):
 
 def main():
     require_flood()
+    hits = hits_argument()
     with Target(FLOOD, timeout=600) as flood:
-        untraced_ns = untraced_loop(flood)
+        untraced_ns = untraced_loop(flood, hits)
         results = {}
         with tempfile.TemporaryDirectory() as scratch:
             if shutil.which("bpftrace"):
                 results[FLOOR] = run_bpftrace(
-                    flood, untraced_ns, os.path.join(scratch, "empty.txt"), "")
+                    flood, untraced_ns, os.path.join(scratch, "empty.txt"), "", hits)
             for executor in ("bpf", "tracefs"):
                 results[f"sdtrace --executor {executor}"] = run_sdtrace(
-                    flood, untraced_ns, os.path.join(scratch, f"{executor}.json"), executor)
+                    flood, untraced_ns, os.path.join(scratch, f"{executor}.json"), executor, hits)
             if shutil.which("bpftrace"):
                 results["bpftrace printf+str()"] = run_bpftrace(
                     flood, untraced_ns, os.path.join(scratch, "bpftrace.txt"),
-                    'printf("%d %s\\n", arg0, str(arg1));')
+                    'printf("%d %s\\n", arg0, str(arg1));', hits)
     floor = results.get(FLOOR, {}).get("per_hit_us")
-    print(f"flood:hit(long, str), {HITS:,} hits to a JSON file; untraced loop "
-          f"{untraced_ns / HITS:.3f} ns/hit; x floor: per-hit cost / {FLOOR}'s")
+    print(f"flood:hit(long, str), {hits:,} hits to a JSON file; untraced loop "
+          f"{untraced_ns / hits:.3f} ns/hit; x floor: per-hit cost / {FLOOR}'s")
     print(f"{'tracer':30} {'µs/hit':>8} {'x floor':>8} {'fired':>10} {'written':>10} "
           f"{'lost':>9} {'events/s':>10} {'armed ms':>9}")
     for name, row in results.items():
