@@ -303,6 +303,29 @@ def until_armed(process, timeout=60):
     return stderr
 
 
+class Background:
+    """An sdtrace command (a tool) running in the background from the moment it is armed
+    until stop() sends SIGINT: its CompletedProcess, all of stderr in it."""
+
+    def __init__(self, *args):
+        self.process = subprocess.Popen(sdtrace_command(*args), stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True)
+        self.stderr = until_armed(self.process)
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+        out, err = self.process.communicate(timeout=60)
+        return subprocess.CompletedProcess(self.process.args, self.process.returncode, out,
+                                           self.stderr + err)
+
+    def kill(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.communicate()
+
+
 class Tracer:
     """`sdtrace trace` running in the background, writing JSON events to a file."""
 

@@ -15,13 +15,11 @@ line, read from its memory; --jvm-probes gives the flag to -c's JVM.
 """
 import json
 import os
-import signal
 import subprocess
 
 import pytest
 
-from helpers import (SYSTEM_PYTHON, jdk_home, one_line_error, sdtrace, sdtrace_command,
-                     until_armed)
+from helpers import SYSTEM_PYTHON, Background, jdk_home, one_line_error, sdtrace
 
 from sdtrace.discovery import jvm, providers
 
@@ -43,28 +41,6 @@ def _java_command(java, classes, program, count, *options, waits=False):
             *(["wait"] if waits else [])]
 
 
-class _Background:
-    """A tool running in the background until SIGINT: its stdout, stderr."""
-
-    def __init__(self, *args):
-        self.process = subprocess.Popen(sdtrace_command(*args), stdin=subprocess.DEVNULL,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        text=True)
-        self.stderr = until_armed(self.process)
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)
-        out, err = self.process.communicate(timeout=60)
-        return subprocess.CompletedProcess(self.process.args, self.process.returncode, out,
-                                           self.stderr + err)
-
-    def kill(self):
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.communicate()
-
-
 def run_tool(scope, java, classes, tool, program, count, *tool_options, jvm_options=()):
     """(sdtrace's CompletedProcess, the pid of the JVM) for `tool` --json on `program`
     run in `scope`: -c (the libjvm.so as TARGET), -p, or system-wide on libjvm.so."""
@@ -81,11 +57,11 @@ def run_tool(scope, java, classes, tool, program, count, *tool_options, jvm_opti
     try:
         if waits:
             assert target.stdout.readline().strip() == "ready"
-            tracer = _Background(tool, "--json", *tool_options, "-p", str(target.pid))
+            tracer = Background(tool, "--json", *tool_options, "-p", str(target.pid))
             target.stdin.write("go\n")
             target.stdin.flush()
         else:
-            tracer = _Background(tool, "--json", *tool_options, java[1])
+            tracer = Background(tool, "--json", *tool_options, java[1])
             target = subprocess.Popen(_java_command(java, classes, program, count,
                                                     *jvm_options),
                                       stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -144,7 +120,7 @@ def test_gc_of_python_gives_the_generation_and_the_objects_collected(tmp_path):
     tracer = None
     try:
         assert target.stdout.readline().strip() == "ready"
-        tracer = _Background("gc", "--json", "-p", str(target.pid))
+        tracer = Background("gc", "--json", "-p", str(target.pid))
         target.stdin.write("go\n")
         target.stdin.flush()
         assert target.stdout.readline().strip() == "done"
