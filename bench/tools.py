@@ -26,8 +26,22 @@ Workloads:
              tests/fixtures/java/Work, which on each request allocates
              ALLOCATIONS objects (objnew), calls System.gc() GCS times (gc) or
              starts and joins THREADS named threads (threads): an operation is
-             one of those.  One JVM lives through every run; both tracers take
-             its pid.
+             one of those; or, started with -XX:+DTraceMethodProbes, calls
+             Calls.g(i), which calls Calls.f(i), JAVA_CALLS times (calls java):
+             an operation is a call of g.  One JVM lives through every run;
+             both tracers take its pid.
+
+  python     A private copy of Debian's python3.11 (its own inode: the kernel
+             refuses a uprobe where another tracer on the machine already has
+             one with another semaphore offset, as bcc's have) serving
+             tests/fixtures/calls.py: g(i) calls f(i), PYTHON_CALLS_PER_RUN
+             times (calls python) or FLOW_CALLS times (flow python, where each
+             call is a line of output): an operation is a call of g.
+
+The floor where a row has one: bpftrace with an empty action on the calls'
+entry probe of the workload's pid (bare_uprobe), python:line's semaphore
+raised too as sdtrace raises it (CPython 3.11 fires function__entry at every
+call only then): the trap every counter of calls pays.
 
 bcc compiles its programs against kernel headers: where the running kernel has
 none (no /lib/modules/$(uname -r)/build, no CONFIG_IKHEADERS), point
@@ -46,18 +60,22 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from typing import Callable, List, NamedTuple
 
 from common import ENVIRONMENT, wait_for_line
-from helpers import (POSTGRES_BIN, PsqlSession, build_java_fixtures, jdk_home,  # via common
-                     postgres_server, summary_counts)
+from helpers import (POSTGRES_BIN, PYTHON_CALLS, SYSTEM_PYTHON, PsqlSession,  # via common
+                     build_java_fixtures, jdk_home, postgres_server, summary_counts)
 
 ROUNDS = int(os.environ.get("ROUNDS", 5))
 CLIENTS = 2
 QUERIES = 10_000                     # per client and run
 POSTGRES = f"{POSTGRES_BIN}/postgres"
 UNTRACED = "untraced"
+BENCH = os.path.dirname(os.path.abspath(__file__))
+ENDING = 60                          # seconds a tracer has to end after SIGINT
 
 
 class Workload(NamedTuple):
@@ -93,29 +111,47 @@ def postgres_queries():
 
 
 ALLOCATIONS, GCS, THREADS = 2_000_000, 20, 200     # per run, of the jvm workload
+JAVA_CALLS, PYTHON_CALLS_PER_RUN, FLOW_CALLS = 500_000, 1_000_000, 20_000
 
 
 @contextlib.contextmanager
-def jvm_work(request, count):
-    """The jvm workload: `request` ("alloc", "gc", "threads") `count` times a run."""
-    java = os.path.join(jdk_home(), "bin", "java")
-    process = subprocess.Popen([java, "-XX:+UseSerialGC", "-XX:+DTraceAllocProbes", "-cp",
-                                build_java_fixtures(), "Work"], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, text=True)
+def _server(command, target, request, count):
+    """A Workload of a program that prints "ready", then answers each line `request` with
+    "done" once it has done `count` operations; `target` is the file sdtrace traces."""
+    process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               text=True)
     try:
         assert process.stdout.readline().strip() == "ready"
 
         def run():
             started = time.monotonic()
-            process.stdin.write(f"{request} {count}\n")
+            process.stdin.write(f"{request}\n")
             process.stdin.flush()
             assert process.stdout.readline().strip() == "done"
             return count, time.monotonic() - started
-        yield Workload([process.pid], os.path.join(jdk_home(), "lib", "server", "libjvm.so"),
-                       run)
+        yield Workload([process.pid], target, run)
     finally:
         process.stdin.close()
         process.wait(timeout=60)
+
+
+def jvm_work(request, count, flag="-XX:+DTraceAllocProbes"):
+    """The jvm workload: `request` ("alloc", "gc", "threads", "calls") `count` times a
+    run, in a JVM started with `flag`."""
+    return _server([os.path.join(jdk_home(), "bin", "java"), "-XX:+UseSerialGC", flag, "-cp",
+                    build_java_fixtures(), "Work"],
+                   os.path.join(jdk_home(), "lib", "server", "libjvm.so"),
+                   f"{request} {count}", count)
+
+
+@contextlib.contextmanager
+def python_calls(count):
+    """The python workload: a private copy of Debian's python3.11 serving
+    tests/fixtures/calls.py, `count` calls of g (each calling f) a run."""
+    with tempfile.TemporaryDirectory(prefix="sdtrace-bench-tools-") as scratch:
+        python = shutil.copy2(SYSTEM_PYTHON, scratch)
+        with _server([python, PYTHON_CALLS, "serve"], python, count, count) as workload:
+            yield workload
 
 
 class Tracer(NamedTuple):
@@ -163,6 +199,40 @@ def _sdtrace_threads(out, _err):
     return f"{started} threads started"
 
 
+def _sdtrace_calls(out, err):
+    counted = sum(row["count"] for row in _json_lines(out)
+                  if row.get("function", row.get("method")) == "f")
+    return f"f: {counted:,} calls, {summary_counts(err)[1]} lost"
+
+
+def _bcc_f_calls(out, _err):
+    """The calls of f that bcc's ucalls table shows (its METHOD column ends in .f)."""
+    counted = sum(int(match[1]) for match in re.finditer(r"[./]f\s+(\d+)", out))
+    return f"f: {counted:,} calls"
+
+
+def _f_lines(entries, returns, lost):
+    return f"f: {entries:,} entries, {returns:,} returns, {lost:,} lost"
+
+
+def _sdtrace_flow(out, err):
+    lines = [line for line in _json_lines(out) if line["call"].endswith(".f")]
+    return _f_lines(sum(line["event"] == "entry" for line in lines),
+                    sum(line["event"] == "return" for line in lines), summary_counts(err)[1])
+
+
+def _bcc_flow(out, err):
+    """uflow's lines of f (`-> FILE.f`, `<- FILE.f`), and the samples its perf buffer
+    lost, which bcc says on stderr (`Possibly lost N samples`)."""
+    return _f_lines(len(re.findall(r"-> \S*\.f\s*$", out, re.M)),
+                    len(re.findall(r"<- \S*\.f\s*$", out, re.M)),
+                    sum(int(lost) for lost in re.findall(r"Possibly lost (\d+) samples", err)))
+
+
+
+
+
+
 def _bcc_lines(pattern):
     """counted() of a bcc tool: how many lines of its output match `pattern`."""
     return lambda out, _err: f"{len(re.findall(pattern, out, re.M))} lines"
@@ -179,6 +249,65 @@ def _bcc_ready(process):
     line = process.stdout.readline()
     if "Tracing" not in line:
         raise RuntimeError(f"{process.args[0]} did not start: {line}{process.stderr.read()}")
+
+
+def bare_uprobe(pid, path, probe, *companions):
+    """The floor, run as a tracer of its own (_floor): bpftrace with an empty action on
+    `probe` of `path` in process `pid`, the semaphores of `companions` raised too (as sdtrace
+    raises python:line's, for CPython 3.11 to fire function__entry at every call); prints
+    "Tracing" once the probe's int3 is in the process, and undoes it all at SIGINT."""
+    from helpers import address_of, counter, read_mem, set_counter
+    from sdtrace import read_probes
+
+    sites = {site.name: site for site in read_probes(path)}
+    tracer = subprocess.Popen(["bpftrace", "-p", pid, "-e",
+                               f"usdt:{path}:{sites[probe].provider}:{probe} {{ }}"],
+                              stdout=subprocess.DEVNULL)
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])     # after: bpftrace's own
+    site = address_of(int(pid), path, sites[probe].offset, "r-xp")
+    while read_mem(int(pid), site, 1) != b"\xcc":
+        if tracer.poll() is not None:
+            sys.exit(f"bpftrace exited ({tracer.returncode})")
+        time.sleep(0.01)
+    for name in companions:
+        semaphore = sites[name].semaphore
+        set_counter(int(pid), path, semaphore, counter(int(pid), path, semaphore) + 1)
+    print("Tracing", flush=True)
+    signal.sigwait([signal.SIGINT])
+    for name in companions:
+        semaphore = sites[name].semaphore
+        set_counter(int(pid), path, semaphore, counter(int(pid), path, semaphore) - 1)
+    tracer.send_signal(signal.SIGINT)
+    tracer.wait()
+
+
+def _floor(probe, *companions):
+    """A Tracer's command(): bare_uprobe on the workload's process and file."""
+    def command(workload):
+        return [sys.executable, "-c", f"import sys; sys.path.insert(0, {BENCH!r}); "
+                "import tools; tools.bare_uprobe(*sys.argv[1:])", str(workload.pids[0]),
+                workload.target, probe, *companions]
+    return command
+
+
+
+
+def _calls_rows(language, floor):
+    """calls' rows on a workload of `language` (its calls' probe: the floor): the bare
+    uprobe, sdtrace calls and calls --latency, bcc ucalls and ucalls -L, all on its pid."""
+    def calls(*options):
+        return Tracer(lambda w: _sdtrace("calls", "--json", *options, "--executor", "bpf",
+                                         "-p", str(w.pids[0])), SDTRACE_READY, _sdtrace_calls)
+
+    def ucalls(*options):
+        return Tracer(lambda w: ["ucalls", *options, "-l", language, str(w.pids[0])],
+                      _bcc_ready, _bcc_f_calls)
+    return {f"bare uprobe ({floor[0]})": Tracer(_floor(*floor), _bcc_ready, _nothing),
+            "sdtrace calls (bpf)": calls(), "sdtrace calls --latency (bpf)": calls("--latency"),
+            f"bcc ucalls -l {language}": ucalls(),
+            f"bcc ucalls -L -l {language}": ucalls("-L")}
+
+
 
 
 # tool -> {row: Tracer}; a row of sdtrace, then the bcc tool answering the same question
@@ -222,6 +351,18 @@ TOOLS = {
         "bcc uthreads -l java": Tracer(lambda w: ["uthreads", "-l", "java", str(w.pids[0])],
                                        _bcc_ready, _bcc_lines(r"sdtrace-worker-")),
     }),
+    "calls python": (lambda: python_calls(PYTHON_CALLS_PER_RUN),
+                     _calls_rows("python", ("function__entry", "line"))),
+    "calls java": (lambda: jvm_work("calls", JAVA_CALLS, "-XX:+DTraceMethodProbes"),
+                   _calls_rows("java", ("method__entry",))),
+    "flow python": (lambda: python_calls(FLOW_CALLS), {
+        "sdtrace flow (bpf)": Tracer(
+            lambda w: _sdtrace("flow", "--json", "--executor", "bpf", "--filter",
+                               "*calls.py.[fg]", "-p", str(w.pids[0])),
+            SDTRACE_READY, _sdtrace_flow),
+        "bcc uflow -l python": Tracer(lambda w: ["uflow", "-l", "python", str(w.pids[0])],
+                                      _bcc_ready, _bcc_flow),
+    }),
 }
 
 
@@ -236,12 +377,45 @@ def traced(workload, tracer):
         process.kill()
         process.communicate()
         return None, f"cannot run: {_first_error(str(error))}"
+    out, err = _reading(process.stdout), _reading(process.stderr)
     try:
         operations, seconds = workload.run()
     finally:
+        ended = _interrupt(process)
+    if not ended:                               # the finding, and the run's rate stands
+        return operations / seconds, f"did not end {ENDING} s after SIGINT: killed"
+    return operations / seconds, tracer.counted(out(), err())
+
+
+def _interrupt(process):
+    """SIGINT `process`, again every second while it runs (a bcc tool busy in its perf
+    buffer's callback when the first comes, as uflow under load is, swallows it: ctypes
+    ignores a callback's KeyboardInterrupt); True if it ended within ENDING seconds, else
+    it is killed."""
+    for _second in range(ENDING):
         process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=120)
-    return operations / seconds, tracer.counted(out, err)
+        try:
+            process.wait(timeout=1)
+            return True
+        except subprocess.TimeoutExpired:
+            pass
+    process.kill()
+    process.wait()
+    return False
+
+
+def _reading(stream):
+    """Reads `stream` to its end in a thread, as it comes (a tracer that writes more than a
+    pipe holds, as flow and uflow do, would otherwise block on it, fall behind and lose
+    events); returns a function that waits for the end and returns the text."""
+    text = []
+    reader = threading.Thread(target=lambda: text.append(stream.read()), daemon=True)
+    reader.start()
+
+    def read():
+        reader.join()
+        return text[0]
+    return read
 
 
 def _first_error(text):
