@@ -27,16 +27,19 @@ Workloads:
              ALLOCATIONS objects (objnew), calls System.gc() GCS times (gc) or
              starts and joins THREADS named threads (threads): an operation is
              one of those; or, started with -XX:+DTraceMethodProbes, calls
-             Calls.g(i), which calls Calls.f(i), JAVA_CALLS times (calls java):
-             an operation is a call of g.  One JVM lives through every run;
-             both tracers take its pid.
+             Calls.g(i), which calls Calls.f(i), JAVA_CALLS times (calls java)
+             or STAT_CALLS times (stat java): an operation is a call of g.  One
+             JVM lives through every run; both tracers take its pid (ustat, which
+             takes none, every process whose comm is java: this one alone).
 
   python     A private copy of Debian's python3.11 (its own inode: the kernel
              refuses a uprobe where another tracer on the machine already has
              one with another semaphore offset, as bcc's have) serving
              tests/fixtures/calls.py: g(i) calls f(i), PYTHON_CALLS_PER_RUN
-             times (calls python) or FLOW_CALLS times (flow python, where each
-             call is a line of output): an operation is a call of g.
+             times (calls python), FLOW_CALLS times (flow python, where each
+             call is a line of output) or STAT_CALLS times (stat python, the
+             copy named python: ustat finds its processes by that comm): an
+             operation is a call of g.
 
 The floor where a row has one: bpftrace with an empty action on the calls'
 entry probe of the workload's pid (bare_uprobe), python:line's semaphore
@@ -112,6 +115,7 @@ def postgres_queries():
 
 ALLOCATIONS, GCS, THREADS = 2_000_000, 20, 200     # per run, of the jvm workload
 JAVA_CALLS, PYTHON_CALLS_PER_RUN, FLOW_CALLS = 500_000, 1_000_000, 20_000
+STAT_CALLS = 5_000_000              # per run: seconds under ustat, which counts per interval
 
 
 @contextlib.contextmanager
@@ -145,11 +149,11 @@ def jvm_work(request, count, flag="-XX:+DTraceAllocProbes"):
 
 
 @contextlib.contextmanager
-def python_calls(count):
-    """The python workload: a private copy of Debian's python3.11 serving
+def python_calls(count, name="python3.11"):
+    """The python workload: a private copy of Debian's python3.11 (named `name`) serving
     tests/fixtures/calls.py, `count` calls of g (each calling f) a run."""
     with tempfile.TemporaryDirectory(prefix="sdtrace-bench-tools-") as scratch:
-        python = shutil.copy2(SYSTEM_PYTHON, scratch)
+        python = shutil.copy2(SYSTEM_PYTHON, os.path.join(scratch, name))
         with _server([python, PYTHON_CALLS, "serve"], python, count, count) as workload:
             yield workload
 
@@ -229,8 +233,19 @@ def _bcc_flow(out, err):
                     sum(int(lost) for lost in re.findall(r"Possibly lost (\d+) samples", err)))
 
 
+def _sdtrace_stat(out, err):
+    """The calls of stat's totals (one process: the workload's)."""
+    counted = sum(line["calls"] or 0 for line in _json_lines(out) if line.get("total"))
+    return f"{counted:,} calls, {summary_counts(err)[1]} lost"
 
 
+def _bcc_ustat(out, err):
+    """The calls in ustat's tables after its first (METHOD/s, of 1 s intervals: the counts
+    of each), how many tables, and the error it ended on if it failed: its rows end in
+    METHOD/s GC/s OBJNEW/s CLOAD/s EXC/s THR/s."""
+    rows = re.findall(r"^\d+ .* (\d+)\s+\d+\s+\d+\s+\d+\s+\d+\s+\d+\s*$", out, re.M)
+    failed = f"; then {_first_error(err)}" if "Traceback" in err else ""
+    return f"{sum(map(int, rows)):,} calls in {out.count('loadavg')} tables{failed}"
 
 
 def _bcc_lines(pattern):
@@ -290,6 +305,14 @@ def _floor(probe, *companions):
     return command
 
 
+def _ustat_ready(process):
+    """ustat says it traces, then attaches (clang compiles its program) and counts for an
+    interval: ready at its first table's time line."""
+    _bcc_ready(process)
+    for line in process.stdout:
+        if "loadavg" in line:
+            return
+    raise RuntimeError(f"ustat ended before its first table: {process.stderr.read()}")
 
 
 def _calls_rows(language, floor):
@@ -308,6 +331,18 @@ def _calls_rows(language, floor):
             f"bcc ucalls -L -l {language}": ucalls("-L")}
 
 
+def _stat_rows(language, floor):
+    """stat's rows on a workload of `language` (its calls' probe: the floor): the bare
+    uprobe, sdtrace stat, bcc ustat (-C, 1 s intervals, every process of the language:
+    the workload's alone here; it takes no pid)."""
+    return {
+        f"bare uprobe ({floor[0]})": Tracer(_floor(*floor), _bcc_ready, _nothing),
+        "sdtrace stat (bpf)": Tracer(
+            lambda w: _sdtrace("stat", "--json", "--executor", "bpf", "-p", str(w.pids[0])),
+            SDTRACE_READY, _sdtrace_stat),
+        f"bcc ustat -l {language}": Tracer(lambda w: ["ustat", "-C", "-l", language, "1"],
+                                           _ustat_ready, _bcc_ustat),
+    }
 
 
 # tool -> {row: Tracer}; a row of sdtrace, then the bcc tool answering the same question
@@ -363,6 +398,10 @@ TOOLS = {
         "bcc uflow -l python": Tracer(lambda w: ["uflow", "-l", "python", str(w.pids[0])],
                                       _bcc_ready, _bcc_flow),
     }),
+    "stat python": (lambda: python_calls(STAT_CALLS, "python"),
+                    _stat_rows("python", ("function__entry", "line"))),
+    "stat java": (lambda: jvm_work("calls", STAT_CALLS, "-XX:+DTraceMethodProbes"),
+                  _stat_rows("java", ("method__entry",))),
 }
 
 
