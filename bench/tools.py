@@ -240,11 +240,12 @@ def _sdtrace_stat(out, err):
 
 
 def _bcc_ustat(out, err):
-    """The calls in ustat's tables after its first (METHOD/s, of 1 s intervals: the counts
-    of each), how many tables, and the error it ended on if it failed: its rows end in
-    METHOD/s GC/s OBJNEW/s CLOAD/s EXC/s THR/s."""
+    """The calls in ustat's tables (METHOD/s, of 1 s intervals: the counts of each; the
+    first, read by _ustat_ready up to its time line, is from before the work), how many
+    tables came after the first, and the last line of its traceback if it had one (a
+    failed attach or detach): its rows end in METHOD/s GC/s OBJNEW/s CLOAD/s EXC/s THR/s."""
     rows = re.findall(r"^\d+ .* (\d+)\s+\d+\s+\d+\s+\d+\s+\d+\s+\d+\s*$", out, re.M)
-    failed = f"; then {_first_error(err)}" if "Traceback" in err else ""
+    failed = f"; {err.strip().splitlines()[-1][:120]}" if "Traceback" in err else ""
     return f"{sum(map(int, rows)):,} calls in {out.count('loadavg')} tables{failed}"
 
 
@@ -333,8 +334,9 @@ def _calls_rows(language, floor):
 
 def _stat_rows(language, floor):
     """stat's rows on a workload of `language` (its calls' probe: the floor): the bare
-    uprobe, sdtrace stat, bcc ustat (-C, 1 s intervals, every process of the language:
-    the workload's alone here; it takes no pid)."""
+    uprobe, sdtrace stat, bcc ustat (-C, 1 s intervals; it takes no pid, but every process
+    whose comm is the language's: the workload, and for python this bench's own
+    interpreter, which makes no Python call while it waits for a run)."""
     return {
         f"bare uprobe ({floor[0]})": Tracer(_floor(*floor), _bcc_ready, _nothing),
         "sdtrace stat (bpf)": Tracer(
