@@ -409,9 +409,11 @@ TOOLS = {
 
 def traced(workload, tracer):
     """(operations per second, what the tracer counted) of one run under `tracer`."""
-    process = subprocess.Popen(tracer.command(workload), stdin=subprocess.DEVNULL,
+    command = tracer.command(workload)
+    bcc = command[0] != sys.executable         # bcc's tools print their ready line buffered
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**ENVIRONMENT, "PYTHONUNBUFFERED": "1"})
+                               env={**ENVIRONMENT, **({"PYTHONUNBUFFERED": "1"} if bcc else {})})
     try:
         tracer.ready(process)
     except RuntimeError as error:        # a bcc tool that cannot run here: the finding
