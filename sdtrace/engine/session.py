@@ -96,6 +96,7 @@ class Session:
         self.late_raises = []    # user mode, at close(): (pid, comm, seconds) raised after exec
         self._manager = None     # semaphores.manager.SemaphoreManager, in user mode
         self._executor = None    # the executor's object, once armed
+        self._parsed = None      # the specs, parsed once (specs.ProbeSpec)
         self._loaded = None      # a command's specs waiting for an object: _Loaded
         self.unmatched = []      # specs that waited and were not armed: nothing matched them
         self.stop = stop         # stop(): true when the user asked to stop (while waiting)
@@ -204,7 +205,7 @@ class Session:
         if selected:
             self.warnings.append("the other specs are armed then too: their hits before "
                                  "are not seen")
-        parsed = [specs.parse_spec(text) for text in self.spec_texts]
+        parsed = self._parsed
         if self.command is not None:
             self._loaded = _Loaded(waiting)
             self._command.release()
@@ -362,7 +363,7 @@ class Session:
 
     def _select(self):
         """(the sites the specs select now, the specs that wait: -p/-c only)."""
-        parsed = [specs.parse_spec(text) for text in self.spec_texts]
+        parsed = self._parsed = [specs.parse_spec(text) for text in self.spec_texts]
         if not parsed:
             raise SdtraceError("no probe spec given")
         waiting = [] if self.pid is not None or self.command is not None else None

@@ -48,6 +48,19 @@ def add_arguments(parser):
     add_jvm_probes_option(parser)
 
 
+def check_call_probes(args, found, warn):
+    """Ends in one line where the runtimes `found` cannot serve their entry and return
+    probes: a JVM without the method-probes flag (runtimes.check_rules), or Java's
+    names on an executor that cannot read them."""
+    from . import runtimes
+
+    runtimes.check_rules(args, found, [probe for item in found
+                                       for probe in PROBES[item.runtime][:2]], warn)
+    if any(item.runtime == JAVA for item in found):
+        runtimes.require_bpf(args, "Java's class and method names are (pointer, length) "
+                                   "strings")
+
+
 def run(args):
     from ..discovery.specs import parse_spec
     from ..present import aggregate, runner
@@ -59,10 +72,7 @@ def run(args):
                            f"reach {' and '.join(item.runtime.name for item in found)}: name "
                            "the runtime's file as TARGET")
     entry, exit_, names = PROBES[found[0].runtime]
-    runtimes.check_rules(args, found, (entry, exit_), runner.warn)
-    if any(item.runtime == JAVA for item in found):
-        runtimes.require_bpf(args, "Java's class and method names are (pointer, length) "
-                                   "strings")
+    check_call_probes(args, found, runner.warn)
     name_keys = aggregate.parse_keys(",".join(key for key, _column in names))
     keys = name_keys + (aggregate.parse_keys("tid") if args.by == "thread" else ())
     columns = [column for _key, column in names] + (["tid"] if args.by == "thread" else [])

@@ -13,8 +13,7 @@ import fnmatch
 import json
 import sys
 
-from .calls import PROBES
-from .runtimes import JAVA
+from .calls import PROBES, check_call_probes
 
 HELP = "calls and returns as they happen, indented per thread (like uflow)"
 DESCRIPTION = ("Print each entry and return of Python functions or Java methods of a "
@@ -91,11 +90,7 @@ def run(args):
     from . import runtimes
 
     found = runtimes.present(runtimes.find(args, tuple(PROBES)), args)
-    probes = [probe for item in found for probe in PROBES[item.runtime][:2]]
-    runtimes.check_rules(args, found, probes, runner.warn)
-    if any(item.runtime == JAVA for item in found):
-        runtimes.require_bpf(args, "Java's class and method names are (pointer, length) "
-                                   "strings")
+    check_call_probes(args, found, runner.warn)
     specs = [item.spec(probe) for item in found for probe in PROBES[item.runtime][:2]]
     timeline = None
     if args.perfetto is not None:
