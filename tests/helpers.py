@@ -289,6 +289,18 @@ def holds_for(condition, seconds):
 TRACING = "sdtrace: tracing"
 
 
+def trace_workload_timeline(fixtures, timeline_path, events_path):
+    """`sdtrace trace` of every probe of the workload fixture making one sleep pair, a
+    nest of pairs, pairs on 2 threads and 5 requests, its events as JSON lines in
+    `events_path` and its timeline (--perfetto) in `timeline_path`: the CompletedProcess,
+    which printed each pair as "pair TID NS"."""
+    result = sdtrace("trace", "--json", "-o", str(events_path), "--perfetto",
+                     str(timeline_path), "-c", fixtures.path("workload"), "workload:*",
+                     stdin="sleep 1300\nnest 1000\nthreads 2\nrequest 5\n")
+    assert result.returncode == 0, result.stderr
+    return result
+
+
 def until_armed(process, timeout=60):
     """What an sdtrace `process` (text stderr, piped) wrote to stderr up to the line
     saying it is tracing; killed, an AssertionError, if it never says so."""

@@ -14,7 +14,7 @@ import os
 
 import pytest
 from helpers import SYSTEM_PYTHON as PYTHON
-from helpers import sdtrace
+from helpers import sdtrace, trace_workload_timeline
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("executor")]
 
@@ -91,10 +91,7 @@ def thread_names(timeline):
 
 def test_trace_timeline_pairs_and_instants(fixtures, tmp_path):
     timeline_path, events_path = tmp_path / "trace.json", tmp_path / "events.json"
-    result = sdtrace("trace", "--json", "-o", str(events_path), "--perfetto", str(timeline_path),
-                     "-c", fixtures.path("workload"), "workload:*",
-                     stdin="sleep 1300\nnest 1000\nthreads 2\nrequest 5\n")
-    assert result.returncode == 0, result.stderr
+    result = trace_workload_timeline(fixtures, timeline_path, events_path)
     timeline = validate(timeline_path)
     events = [json.loads(line) for line in events_path.read_text().splitlines()]
     pairs = [line.split() for line in result.stdout.splitlines() if line.startswith("pair ")]

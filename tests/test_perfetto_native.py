@@ -24,7 +24,7 @@ import types
 
 import pytest
 from google.protobuf.descriptor import FieldDescriptor
-from helpers import sdtrace
+from helpers import sdtrace, trace_workload_timeline
 from hypothesis import given
 from hypothesis import strategies as st
 from perfetto.protos.perfetto.trace import perfetto_trace_pb2 as pb
@@ -286,10 +286,7 @@ def native_and_json(path, events_path, tmp_path):
 @pytest.mark.usefixtures("executor")
 def test_trace_writes_the_json_timelines_slices_natively(fixtures, tmp_path):
     path, events_path = tmp_path / "trace.pftrace", tmp_path / "events.json"
-    result = sdtrace("trace", "--json", "-o", str(events_path), "--perfetto", str(path),
-                     "-c", fixtures.path("workload"), "workload:*",
-                     stdin="sleep 1300\nnest 1000\nthreads 2\nrequest 5\n")
-    assert result.returncode == 0, result.stderr
+    result = trace_workload_timeline(fixtures, path, events_path)
     slices, instants, tracks = native_and_json(path, events_path, tmp_path)
     pairs = [line.split() for line in result.stdout.splitlines() if line.startswith("pair ")]
     assert len(slices) == len(pairs) == 1 + 2 + 4
