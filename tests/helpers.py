@@ -239,11 +239,24 @@ def one_line_error(result, *words):
         assert word in lines[0], lines[0]
 
 
-def bpf_events(executor, timeout=0):
-    """The records a BpfExecutor has for us now, as sdtrace.Event objects."""
+def executor_events(executor, timeout=0):
+    """The records an executor (bpf or tracefs) has for us now, as sdtrace.Event objects."""
     from sdtrace.engine.events import Event
 
     return [Event.from_record(record) for record in executor.read(timeout)]
+
+
+def drain(executor, expected, read=()):
+    """`read` (records already read) and every record up to `expected` in all, waiting
+    for each; then whatever else came."""
+    records = list(read)
+    assert wait_for(lambda: records.extend(executor_events(executor)) or
+                    len(records) >= expected)
+    return records + executor_events(executor)
+
+
+def pids(records):
+    return sorted(record.pid for record in records)
 
 
 def at_once(targets, command, timeout=300):
@@ -589,6 +602,22 @@ class Library:
 
     def value(self, pid):
         return counter(pid, self.path, self.offset)
+
+    @contextlib.contextmanager
+    def users(self, count):
+        """`count` semuser processes with the library loaded, stopped on the way out."""
+        with contextlib.ExitStack() as stack:
+            started = []
+            for _ in range(count):
+                started.append(self.user())
+                stack.callback(started[-1].stop)
+            yield started
+
+
+def child_of(reply):
+    """The pid semuser's "fork" printed ("child PID"): the child now reads the commands."""
+    [line] = reply
+    return int(line.split()[1])
 
 
 # --- an oracle for ELF facts: readelf, independent of sdtrace ---------------

@@ -250,27 +250,41 @@ def test_every_record_reserves_one_size(fixtures):
         codegen.generate(group, ring_fd=3, lost_fd=4, record_size=max(sizes) - 8)
 
 
-def test_a_tree_scoped_program_returns_first_for_processes_outside_the_tree(fixtures):
+@pytest.mark.parametrize("tree_fd, tracer_pid", [(5, None), (None, 4321), (5, 4321)])
+def test_a_program_returns_first_for_the_tracer_and_for_processes_outside_the_tree(
+        fixtures, tree_fd, tracer_pid):
     site = site_named(fixtures.path("values"), "nosem")
     group = {0: (site, codegen.plan_site(site))}
     plain, _layouts = codegen.generate(group, ring_fd=3, lost_fd=4)
-    scoped, _layouts = codegen.generate(group, ring_fd=3, lost_fd=4, tree_fd=5)
+    scoped, _layouts = codegen.generate(group, ring_fd=3, lost_fd=4, tree_fd=tree_fd,
+                                        tracer_pid=tracer_pid)
 
-    def check(code):
+    def current_tgid(code):
         code.mov(R6, R1)
         code.call("get_current_pid_tgid")
         code.alu64("rsh", R0, 32)
+
+    def lookup_in_tree(code):
         code.store(4, R10, -4, R0)
-        code.load_map(R1, 5)
+        code.load_map(R1, tree_fd)
         code.mov(R2, R10)
         code.alu64("add", R2, -4)
         code.call("map_lookup_elem")
     found = slots(scoped)
-    assert found[:9] == assembled(check)
-    jump = found[9]
-    assert (jump.code, jump.dst, jump.imm) == (0x15, 0, 0)        # if r0 == 0
-    assert 10 + jump.offset == len(found) - 2                     # goto "out": return 0
-    assert found[10:] == assembled(lambda code: code.mov(R1, R6)) + slots(plain)[1:]
+    assert found[:3] == assembled(current_tgid)
+    returns, position = [], 3          # (slot of a jump to "out", the r0 it returns for)
+    if tracer_pid is not None:
+        returns.append((position, tracer_pid))
+        position += 1
+    if tree_fd is not None:
+        assert found[position:position + 6] == assembled(lookup_in_tree)
+        returns.append((position + 6, 0))
+        position += 7
+    for at, value in returns:
+        jump = found[at]
+        assert (jump.code, jump.dst, jump.imm) == (0x15, 0, value)   # if r0 == value
+        assert at + 1 + jump.offset == len(found) - 2                # goto "out": return 0
+    assert found[position:] == assembled(lambda code: code.mov(R1, R6)) + slots(plain)[1:]
 
 
 def test_sites_with_equal_plans_share_a_block(fixtures):

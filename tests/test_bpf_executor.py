@@ -14,7 +14,7 @@ from collections import Counter
 
 import pytest
 from helpers import (CFLAGS, FIXTURES_DIR, LIBJVM, OPT_LEVELS, PROGRAMS, REPOSITORY, Target,
-                     address_of, bpf_events, counter, read_mem, set_counter, wait_for)
+                     address_of, executor_events, counter, read_mem, set_counter, wait_for)
 
 from sdtrace.discovery import notes
 from sdtrace.engine import fetchargs
@@ -39,7 +39,7 @@ def fire_and_read(target, executor, expected):
     """Fires every probe of `target` once; the `expected` records, and the truth by probe."""
     target.send("fire 1")
     records = []
-    assert wait_for(lambda: records.extend(bpf_events(executor)) or len(records) >= expected)
+    assert wait_for(lambda: records.extend(executor_events(executor)) or len(records) >= expected)
     truth = {line["probe"]: line["args"] for line in map(json.loads, target.send("values"))}
     return records, truth
 
@@ -113,7 +113,7 @@ def test_hotspot_strings_are_read_by_their_length():
     try:
         with BpfExecutor(sites, pid=shell.pid, string_length=40) as executor:
             output, _ = shell.communicate("armed\n", timeout=60)
-            records = bpf_events(executor)
+            records = executor_events(executor)
             assert executor.lost == 0 and executor.warnings == []
     finally:
         shell.kill()
@@ -204,7 +204,7 @@ def test_a_full_ring_counts_every_lost_record(fixtures):
     with Target(path) as target, BpfExecutor(sites, types, pid=target.pid,
                                              ring_bytes=4096) as executor:
         target.send(f"fire {rounds}")
-        written = len(bpf_events(executor))
+        written = len(executor_events(executor))
         lost = executor.lost
     assert written > 0 and lost > 0
     assert written + lost == rounds * len(sites)
@@ -250,7 +250,7 @@ def test_without_kernel_semaphores_user_space_counts_them(fixtures):
         set_counter(target.pid, path, guarded.semaphore, 1)
         assert target.send("fire 1")[0] == "guarded 1"
         records = []
-        assert wait_for(lambda: records.extend(bpf_events(executor)) or records)
+        assert wait_for(lambda: records.extend(executor_events(executor)) or records)
         set_counter(target.pid, path, guarded.semaphore, 0)
     assert [record.args for record in records] == [[42]]
 

@@ -119,8 +119,7 @@ def test_null_string_is_absent_on_both_paths(program, group):  # noqa: F811
                                    for fetch in program.fetchargs))
     decoder = events.Decoder()
     with Target(program.path, "NULL") as target, perf.RingSet() as rings:
-        decoder.add(rings.open(tracefs.event_id(group, "hit"), pid=target.pid), site,
-                    event_format)
+        decoder.add(rings.open(tracefs.event_id(group, "hit")), site, event_format)
         rings.enable()
         target.send("fire 3")
         records = check_every_emitter(take_samples(rings), decoder)

@@ -171,26 +171,6 @@ def test_wait_wakes_per_wakeup_events_and_times_out(program, hit_event):
             assert len(rings.drain()[0]) == 1
 
 
-def test_pid_filter_and_hang_up_when_the_process_exits(program, hit_event):
-    event_id, event_format = hit_event
-    with Target(program.path, "traced") as traced, Target(program.path, "other") as other:
-        with perf.RingSet() as rings:
-            rings.open(event_id, pid=traced.pid)
-            rings.enable()
-            assert counter(traced.pid, program.path, program.semaphore) == 1 and counter(other.pid, program.path, program.semaphore) == 0
-            other.send("fire 5")
-            traced.send("fire 3")
-            samples, _ = drain_until(rings, 3)
-            assert {sample[2] for sample in samples} == {traced.pid}
-            assert [event_format.decode(raw)[1] for *_, raw in samples] == ["traced"] * 3
-            assert rings.alive
-            traced.stop()
-            deadline = time.monotonic() + 5
-            while rings.alive and time.monotonic() < deadline:
-                rings.wait(0.1)
-            assert not rings.alive
-
-
 def test_semaphore_and_breakpoint_live_exactly_while_fds_are_open(program, hit_event):
     event_id, _ = hit_event
     with Target(program.path, "x") as target:

@@ -217,7 +217,7 @@ SHAPE_PROCESSES = {"report": 1, "fork-exec": 2, "fork": 2, "vfork": 2, "spawn": 
 @pytest.mark.parametrize("mode", MODES)
 def test_process_shapes_through_a_shell_are_raised_once(fixtures, mode, shape):
     """`-c "sh -c 'spawner SHAPE; true'"`: every process spawner makes reports the
-    semaphore it saw and fires spawner:value with it.  Never 2: in user mode the exec
+    semaphore it saw, 1, and fires spawner:value with it.  Never 2: in user mode the exec
     stop raised the new image before the proc connector's exec event was sent, and
     that event (timestamped after the raise) dropped the holding, so a recheck raised
     it again.  The exec is now told by the memory itself (procmem.MemoryReplaced)."""
@@ -232,18 +232,12 @@ def test_process_shapes_through_a_shell_are_raised_once(fixtures, mode, shape):
     values = {int(event["pid"]): event["args"][0] for event in
               map(json.loads, (line for line in result.stdout.splitlines()
                                if line.startswith("{")))}
-    assert len(seen) == SHAPE_PROCESSES[shape], result.stdout
-    # Each process saw its semaphore raised once, and its event says the same.  (With
-    # two processes, perf's inherit can lose one child's breakpoint and increment when
-    # its sibling exits -- a kernel race the BPF executor's scope avoids: 0 is that race,
-    # 2 would be this defect.)
-    assert set(map(int, seen.values())) <= {0, 1}, result.stdout
-    assert all(values[int(pid)] == 1 for pid, value in seen.items() if value == "1" and
-               int(pid) in values), result.stdout
-    if SHAPE_PROCESSES[shape] == 1:
-        assert list(seen.values()) == ["1"], result.stdout
-    # one event per process at most (perf's inherit may also drop a hit; never twice)
-    assert summary_counts(result.stderr)[0] <= len(seen), result.stderr
+    # Each process saw its semaphore raised once, and its event says the same.  (Both
+    # executors follow the tree without perf's inherit, which raced on this kernel: a
+    # sibling's exit could take a child's raise, and a thread's exec ran unraised.)
+    assert sorted(seen.values()) == ["1"] * SHAPE_PROCESSES[shape], result.stdout
+    assert values == {int(pid): 1 for pid in seen}, result.stdout
+    assert summary_counts(result.stderr)[0] == len(seen), result.stderr
     assert all(wait_for(lambda: not os.path.exists(f"/proc/{pid}")) for pid in seen), \
         "a process of the command outlived it (left stopped?)"
 

@@ -135,17 +135,33 @@ class String:
         self.local, self.texts, self.absent = local, texts, absent
 
 
-def parser(layout, fields, item):
+class Scope:
+    """The samples a parser keeps: those whose pid has a span (first, end) in the
+    mapping `spans` with first <= ts < end; it counts the others in `outside` (a
+    one-item list) and returns.  Both are Constants."""
+    __slots__ = ("spans", "outside")
+
+    def __init__(self, spans, outside):
+        self.spans, self.outside = spans, outside
+
+
+def parser(layout, fields, item, scope=None):
     """The parse function of samples whose raw fields are `layout` (a struct
     format), unpacked into `fields` (a Local, or a String, per field), that
-    appends `item` (a description)."""
+    appends `item` (a description) for the samples `scope` (a Scope) keeps, or
+    for every sample."""
     source = _Source([_local(field) for field in fields])
     unpack = source.value(Constant(struct.Struct(perf.SAMPLE_RECORD.format + layout).unpack_from,
                                    "unpack"))
     names = [source.value(_local(field)) for field in fields]
     lines = ["def parse(data, position, append):",
-             f"    size, _, pid, tid, ts, cpu, _, {', '.join(names)}, = {unpack}(data, position)",
-             f"    raw = position + {perf.SAMPLE_RECORD.size}"]
+             f"    size, _, pid, tid, ts, cpu, _, {', '.join(names)}, = {unpack}(data, position)"]
+    if scope is not None:
+        lines += [f"    span = {source.value(scope.spans)}.get(pid)",
+                  "    if span is None or not span[0] <= ts < span[1]:",
+                  f"        {source.value(scope.outside)}[0] += 1",
+                  "        return size"]
+    lines.append(f"    raw = position + {perf.SAMPLE_RECORD.size}")
     for field in fields:
         if isinstance(field, String):
             name = source.value(field.local)
@@ -224,7 +240,8 @@ def _local(field):
     return field.local if isinstance(field, String) else field
 
 
-_PARSER_NAMES = {"data", "position", "append", "size", "raw", "start", "parse", "item", "_"}
+_PARSER_NAMES = {"data", "position", "append", "size", "raw", "start", "parse", "item", "span",
+                 "_"}
 _compiled = {}      # parser source -> code object
 
 

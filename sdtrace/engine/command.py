@@ -1,9 +1,9 @@
 """The traced command of ``-c CMD``: started held, released, reaped.
 
 The command is forked and held before ``exec`` (it waits on a pipe) while the
-session opens its events on the child's PID with enable-on-exec; then it is
-released.  That is all the kernel's ref_ctr needs: it raises the semaphores
-as the new image and its libraries are mapped.
+session arms its sites and starts following the child's process tree; then
+it is released.  That is all the kernel's ref_ctr needs: it raises the
+semaphores as the new image and its libraries are mapped.
 
 User-space semaphores (semaphores/) need more: the counters must be raised
 before the command runs any code that could test them, including library

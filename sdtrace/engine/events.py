@@ -139,11 +139,14 @@ TS, PID, TID, CPU, COMM, SITE, ARGS = range(7)
 
 
 class Decoder:
-    """Sample id -> site and format, and the parsers that turn samples into items."""
+    """Sample id -> site and format, and the parsers that turn samples into items
+    (of the samples `tree`, a tracefs.scope.ProcessTree, holds, or of every sample)."""
 
-    def __init__(self):
+    def __init__(self, tree=None):
         self.sites = {}          # sample id -> (site, format)
         self._parsers = {}       # emitter -> its _Parsers
+        self._scope = None if tree is None else codegen.Scope(
+            codegen.Constant(tree.spans, "spans"), codegen.Constant(tree.outside, "outside"))
 
     def add(self, sample_ids, site, event_format):
         """Register the sample ids of `site`, whose raw samples `event_format` describes."""
@@ -157,7 +160,7 @@ class Decoder:
         """perf.walk's parsers that append `emitter`'s items."""
         parsers = self._parsers.get(emitter)
         if parsers is None:
-            parsers = self._parsers[emitter] = _Parsers(self.sites, emitter)
+            parsers = self._parsers[emitter] = _Parsers(self.sites, emitter, self._scope)
         return parsers
 
 
@@ -179,10 +182,11 @@ class TextCache(dict):
 class _Parsers(dict):
     """Sample id -> the parser of its site for one emitter, generated on first use."""
 
-    def __init__(self, sites, emitter):
+    def __init__(self, sites, emitter, scope):
         super().__init__()
         self._sites = sites
         self._emitter = emitter
+        self._scope = scope
         self._comm = codegen.Constant(TextCache(emitter.comm_text), "comms")
         self._comm_absent = codegen.Constant(emitter.comm_absent, "comm_absent")
         self._strings = codegen.Constant(TextCache(emitter.string_text), "strings")
@@ -217,4 +221,4 @@ class _Parsers(dict):
                 arguments.append(Argument(INT if field.struct_code in "bBhHiIqQ" else VALUE,
                                           value))
         return codegen.parser(event_format.layout, unpacked,
-                              self._emitter.item(site, arguments))
+                              self._emitter.item(site, arguments), self._scope)

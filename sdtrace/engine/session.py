@@ -22,10 +22,11 @@ SIB operands and HotSpot's (pointer, length) strings, cuts strings at
 
 Scope: system-wide (every process mapping the files, now or later), one
 process (``pid``: each of its threads; the tracefs executor also follows its
-children, through perf's inherit), or a command (``command``: forked, held
-before exec until the sites are armed, so the semaphore is raised before the
+children, tracefs/scope.py), or a command (``command``: forked, held before
+exec until the sites are armed, so the semaphore is raised before the
 command's first instruction; the BPF executor follows the command's process
-tree in a map the kernel keeps, bpf/scope.py; see command.py).  A command
+tree in a map the kernel keeps, bpf/scope.py, the tracefs executor from the
+proc connector; see command.py).  A command
 still running when the session closes is ended (SIGTERM, then SIGKILL), or
 left running with ``keep_command``; ``command_ending`` says which.
 
@@ -280,7 +281,7 @@ class Session:
                                    pid=self._loaded.pid if running else self.pid,
                                    child=None if running else self.child,
                                    kernel_semaphores=kernel_semaphores,
-                                   buffer_pages=self.buffer_pages)
+                                   buffer_pages=self.buffer_pages, warn=self.warnings.append)
         from . import fetchargs
         from .bpf import codegen
         from .bpf.executor import BpfExecutor

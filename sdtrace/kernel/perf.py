@@ -48,7 +48,6 @@ import mmap
 import os
 import select
 import struct
-import time
 from collections import deque
 from operator import itemgetter
 from typing import Callable, Iterable, List, Mapping, Optional, Tuple
@@ -69,8 +68,6 @@ SAMPLE_TYPE = (PERF_SAMPLE_IDENTIFIER | PERF_SAMPLE_TID | PERF_SAMPLE_TIME
 
 # perf_event_attr flag bits (the bitfield word after read_format)
 ATTR_DISABLED = 1 << 0
-ATTR_INHERIT = 1 << 1
-ATTR_ENABLE_ON_EXEC = 1 << 12
 ATTR_SAMPLE_ID_ALL = 1 << 18
 ATTR_USE_CLOCKID = 1 << 25
 
@@ -110,10 +107,11 @@ def _ioc(direction: int, kind: str, number: int, size: int) -> int:
     return (direction << 30) | (size << 16) | (ord(kind) << 8) | number
 
 
-_IOC_NONE, _IOC_READ = 0, 2
+_IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2
 PERF_EVENT_IOC_ENABLE = _ioc(_IOC_NONE, "$", 0, 0)                      # 0x2400
 PERF_EVENT_IOC_DISABLE = _ioc(_IOC_NONE, "$", 1, 0)                     # 0x2401
 PERF_EVENT_IOC_SET_OUTPUT = _ioc(_IOC_NONE, "$", 5, 0)                  # 0x2405
+PERF_EVENT_IOC_SET_FILTER = _ioc(_IOC_WRITE, "$", 6, ctypes.sizeof(ctypes.c_void_p))  # 0x40082406
 PERF_EVENT_IOC_ID = _ioc(_IOC_READ, "$", 7, ctypes.sizeof(ctypes.c_void_p))  # 0x80082407
 
 SYSCALL_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241, "arm64": 241, "riscv64": 241,
@@ -146,13 +144,14 @@ def _perf_event_open_number() -> int:
     return number
 
 
-def open_tracepoint(event_id: int, pid: int = -1, cpu: int = 0, *, inherit: bool = False,
-                    enable_on_exec: bool = False, disabled: bool = True,
+def open_tracepoint(event_id: int, cpu: int = 0, *, disabled: bool = True,
                     wakeup_events: int = 0) -> int:
-    """Open trace event `event_id` as a sampling perf event; return its fd.
+    """Open trace event `event_id` as a sampling perf event of every process on CPU
+    `cpu`; return its fd.
 
-    pid=-1 with cpu=N traces every process on CPU N; pid=P traces process P
-    (and its later children with inherit).  wakeup_events=N makes poll wake
+    There is no per-process form: perf's ``inherit``, which would follow a
+    process's threads and children, races on this kernel (engine/tracefs/
+    scope.py keeps a process tree's samples instead).  wakeup_events=N makes poll wake
     every N samples in the ring (all events sharing it count); 0 wakes only
     when the ring is half full, so readers also poll with a timeout.  Each
     wakeup costs the probed thread an irq_work: measured in a VM, N=1 adds
@@ -161,16 +160,12 @@ def open_tracepoint(event_id: int, pid: int = -1, cpu: int = 0, *, inherit: bool
     flags = ATTR_SAMPLE_ID_ALL | ATTR_USE_CLOCKID
     if disabled:
         flags |= ATTR_DISABLED
-    if inherit:
-        flags |= ATTR_INHERIT
-    if enable_on_exec:
-        flags |= ATTR_ENABLE_ON_EXEC
     attr = PERF_EVENT_ATTR.pack(
         PERF_TYPE_TRACEPOINT, PERF_EVENT_ATTR.size, event_id, 1, SAMPLE_TYPE, 0, flags,
         wakeup_events, 0, 0, 0, 0, 0, 0, CLOCK_MONOTONIC, 0, 0, 0, 0, 0)
-    fd = _perf_event_open(attr, pid, cpu)
+    fd = _perf_event_open(attr, -1, cpu)
     if fd < 0:
-        raise SdtraceError(_refusal(f"trace event {event_id}", pid, cpu, -fd))
+        raise SdtraceError(_refusal(f"trace event {event_id}", -1, cpu, -fd))
     return fd
 
 
@@ -256,6 +251,12 @@ def _ioctl(fd: int, request: int, argument=0) -> None:
 def enable(fd: int) -> None:
     """Start sampling on `fd` (PERF_EVENT_IOC_ENABLE)."""
     _ioctl(fd, PERF_EVENT_IOC_ENABLE)
+
+
+def set_filter(fd: int, expression: str) -> None:
+    """Sample only the hits that the ftrace filter `expression` (over the event's fields,
+    ``common_pid`` among them) matches; the kernel drops the others before the ring."""
+    _ioctl(fd, PERF_EVENT_IOC_SET_FILTER, ctypes.c_char_p(expression.encode()))
 
 
 def disable(fd: int) -> None:
@@ -421,25 +422,21 @@ class RingSet:
         self._data_pages = data_pages
         self.rings: "dict[int, Ring]" = {}
         self._poll = select.poll()
-        self._polled = set()
         self._closed = False
         self._backlog: "deque[tuple[int, bytes, int]]" = deque()  # (cpu, data, next record)
         self.backlog_bytes = 0
 
-    def open(self, event_id: int, pid: int = -1, *, inherit: bool = False,
-             enable_on_exec: bool = False, wakeup_events: int = 0) -> List[int]:
+    def open(self, event_id: int, *, wakeup_events: int = 0) -> List[int]:
         """Open `event_id` (disabled) on every CPU; return its sample ids, one per CPU."""
         identifiers = []
         for cpu in self.cpus:
-            fd = open_tracepoint(event_id, pid, cpu, inherit=inherit,
-                                 enable_on_exec=enable_on_exec, wakeup_events=wakeup_events)
+            fd = open_tracepoint(event_id, cpu, wakeup_events=wakeup_events)
             try:
                 identifiers.append(sample_id(fd))
                 ring = self.rings.get(cpu)
                 if ring is None:
                     self.rings[cpu] = Ring(fd, self._data_pages)
                     self._poll.register(fd, select.POLLIN)
-                    self._polled.add(fd)
                 else:
                     ring.redirect(fd)
             except BaseException:
@@ -456,6 +453,11 @@ class RingSet:
         for fd in self.fds():
             enable(fd)
 
+    def set_filter(self, expression: str) -> None:
+        """perf.set_filter on every fd."""
+        for fd in self.fds():
+            set_filter(fd, expression)
+
     def disable(self) -> None:
         """Stop sampling on every fd (the uprobes stay armed until close)."""
         for fd in self.fds():
@@ -469,26 +471,12 @@ class RingSet:
         """
         return sum(hit_count(fd) for fd in self.fds())
 
-    @property
-    def alive(self) -> bool:
-        """False once every ring hung up (all traced processes exited)."""
-        return bool(self._polled)
-
     def wait(self, timeout: Optional[float]) -> bool:
         """Block until a ring wakes (see wakeup_events) or `timeout` seconds pass.
 
         True if a ring woke; drain after a timeout too, rings may hold samples.
         """
-        if not self._polled:            # every ring hung up: nothing can wake us
-            if timeout:
-                time.sleep(timeout)
-            return False
-        ready = self._poll.poll(None if timeout is None else timeout * 1000)
-        for fd, events in ready:
-            if events & (select.POLLHUP | select.POLLERR):
-                self._poll.unregister(fd)
-                self._polled.discard(fd)
-        return bool(ready)
+        return bool(self._poll.poll(None if timeout is None else timeout * 1000))
 
     @property
     def pending(self) -> bool:
@@ -496,14 +484,18 @@ class RingSet:
         return bool(self._backlog)
 
     def drain(self, parsers: Mapping[int, Parser] = SAMPLES,
-              limit: Optional[int] = None) -> Tuple[list, int]:
+              limit: Optional[int] = None,
+              taken: Optional[Callable[[], None]] = None) -> Tuple[list, int]:
         """Read the rings: (what the parsers made, ordered by time; lost count).
 
-        Walks the whole backlog, or about `limit` bytes of it (whole records).
+        Walks the whole backlog, or about `limit` bytes of it (whole records);
+        `taken()` is called between copying the rings and walking.
         The order is exact within one drain; a sample of one CPU can be older
         than the last one a previous drain returned from another CPU.
         """
         self._take()
+        if taken is not None:
+            taken()
         backlog = self._backlog
         items: list = []
         append = items.append
@@ -542,7 +534,6 @@ class RingSet:
         self._closed = True
         for ring in self.rings.values():
             ring.close()
-        self._polled.clear()
 
     def __enter__(self) -> "RingSet":
         return self

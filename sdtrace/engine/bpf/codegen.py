@@ -7,7 +7,8 @@ compares the cookie with the site ids and jumps to the block of code
 generated from that site's operands; sites whose plans are equal (the same
 operands read the same way) share a block.  When the executor follows a
 process tree (``scope``), the program first looks the current process's
-tgid up in the tree's map and returns at once if it is not there.  A block:
+tgid up in the tree's map and returns at once if it is not there; it
+returns at once for the tracer's own process.  A block:
 
 1. reserves the site's record on the BPF ring buffer
    (``bpf_ringbuf_reserve``, size known when generating, as the verifier
@@ -413,7 +414,7 @@ def _signed32(value):
 
 
 def generate(sites, ring_fd, lost_fd, string_length=DEFAULT_STRING_LENGTH, tree_fd=None,
-             sleepable=True, record_size=None, emit=None):
+             sleepable=True, record_size=None, emit=None, tracer_pid=None):
     """The program for `sites` ({site id: (site, plans)}, one machine), and the record
     layout of each site id.  A `sleepable` program (loaded with BPF_F_SLEEPABLE) reads
     again, faulting pages in, what the quick read could not.  Every record reserves
@@ -422,7 +423,10 @@ def generate(sites, ring_fd, lost_fd, string_length=DEFAULT_STRING_LENGTH, tree_
 
     `ring_fd` is the ring buffer map, `lost_fd` a per-CPU array of one u64 counting the
     records the ring had no room for; `tree_fd`, if given, the hash map of the tgids to
-    trace (scope.ProcessTree), every other process's hits ignored.  `emit(block,
+    trace (scope.ProcessTree), every other process's hits ignored; the hits of process
+    `tracer_pid` are ignored too (the tracer itself: one that runs the traced file,
+    as sdtrace on Debian's python3.11 does, would otherwise record the lines that
+    read its records, without end).  `emit(block,
     record_size)` writes a block's code instead of Block.emit (tally.py: count in a map,
     write no record); a block may jump to "out" to return."""
     machines = {site.machine for site, _plans in sites.values()}
@@ -431,12 +435,15 @@ def generate(sites, ring_fd, lost_fd, string_length=DEFAULT_STRING_LENGTH, tree_
     [machine] = machines
     code = Assembler()
     code.mov(R6, R1)
-    if tree_fd is not None:
+    if tree_fd is not None or tracer_pid is not None:
         code.call("get_current_pid_tgid")
         code.alu64("rsh", R0, 32)
-        code.store(4, R10, -4, R0)
-        map_call(code, "map_lookup_elem", tree_fd, -4)
-        code.jump("jeq", R0, 0, "out")
+        if tracer_pid is not None:
+            code.jump("jeq", R0, tracer_pid, "out")
+        if tree_fd is not None:
+            code.store(4, R10, -4, R0)
+            map_call(code, "map_lookup_elem", tree_fd, -4)
+            code.jump("jeq", R0, 0, "out")
         code.mov(R1, R6)
     code.call("get_attach_cookie")
     code.mov(R7, R0)

@@ -30,6 +30,7 @@ each site of the file is then loaded alone until the culprit is found
 """
 import errno
 import mmap
+import os
 
 from ...errors import BpfRefused, NoSuchProcess, SdtraceError
 from ...kernel import features, procfs, tracefs
@@ -137,7 +138,8 @@ class BpfExecutor:
         code, _layouts = codegen.generate(group, self._ring.fd, self._lost_counter.fd,
                                           string_length, self.tree and self.tree.map.fd,
                                           sleepable=multi, record_size=self.record_size,
-                                          emit=self.tally and self.tally.emit)
+                                          emit=self.tally and self.tally.emit,
+                                          tracer_pid=os.getpid())
         return Program(code, "sdtrace_usdt",
                        expected_attach_type=BPF_TRACE_UPROBE_MULTI if multi else 0,
                        sleepable=multi)

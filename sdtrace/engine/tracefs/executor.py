@@ -14,18 +14,20 @@
    definitions.  Definitions left by a session that was killed are deleted by
    the next session or by ``sdtrace cleanup``.
 
-Scope: every process (the events opened for every task), one process (each
-of its threads, with perf's ``inherit`` for later threads and children), or
-a command held before exec (``child``: the events opened on it with
-enable-on-exec, so the semaphores are raised as its image is mapped).
+Scope: the events are always opened for every process, since perf's
+``inherit`` races on this kernel.  One process (``pid``) or a command held
+before exec (``child``) is a process tree, with the children it forks from
+then on: its samples are kept and every other process's skipped
+(scope.py).  A held command's semaphores are raised as its image is mapped,
+before its first instruction.
 """
 import os
 import re
 
-from ...errors import NoSuchProcess
 from ...kernel import perf, tracefs
 from ...kernel.log import logger
 from .. import events, fetchargs
+from .scope import ProcessTree
 
 _log = logger(__name__)
 
@@ -35,25 +37,28 @@ _NOT_IDENTIFIER = re.compile(r"[^A-Za-z0-9_]")
 
 class TracefsExecutor:
     """`sites` (notes.Site) with their `types` (a spec's, per site), armed for every
-    process, process `pid`, or the held command `child`; `kernel_semaphores` gives
-    each uprobe its ref_ctr.  Its interface is the BPF executor's (bpf/executor.py)."""
+    process, process `pid`, or the held command `child`, and their children;
+    `kernel_semaphores` gives each uprobe its ref_ctr; `warn` hears of children the
+    tree may have missed.  Its interface is the BPF executor's (bpf/executor.py)."""
 
     name = "tracefs"
 
-    def __init__(self, sites, types, pid=None, child=None, kernel_semaphores=True,
-                 buffer_pages=None):
+    def __init__(self, sites, types=None, pid=None, child=None, kernel_semaphores=True,
+                 buffer_pages=None, warn=None):
         tracefs.root()
         tracefs.remove_stale()
         self.sites = []
         self.warnings = []
         self.received = 0
         self.lost = 0            # samples the rings dropped (exact once finish() ran)
-        self._pid, self._child = pid, child
-        self._decoder = events.Decoder()
         self._rings = None
-        self._group = tracefs.new_group()
+        self._group = None
+        root = child if child is not None else pid
+        self.tree = None if root is None else ProcessTree(root, warn)
+        self._decoder = events.Decoder(self.tree)
         try:
-            self._define(sites, types, kernel_semaphores)
+            self._group = tracefs.new_group()
+            self._define(sites, types or [()] * len(sites), kernel_semaphores)
             self._arm(buffer_pages)
         except BaseException:
             self.close()
@@ -81,33 +86,27 @@ class TracefsExecutor:
 
     def _arm(self, buffer_pages):
         self._rings = perf.RingSet(data_pages=buffer_pages)
-        owners = self._traced_tasks()
         for site in self.sites:
             event_format = tracefs.event_format(self._group, site.event)
-            event_id = tracefs.event_id(self._group, site.event)
-            opened = 0
-            for task in owners:
-                sample_ids = self._rings.open(
-                    event_id, task, inherit=task != -1, enable_on_exec=self._child is not None,
-                    wakeup_events=WAKEUP_EVENTS)
-                self._decoder.add(sample_ids, site, event_format)
-                opened += len(sample_ids)
-            _log.debug("%s/%s: %d perf fd(s) opened", self._group, site.event, opened)
+            sample_ids = self._rings.open(tracefs.event_id(self._group, site.event),
+                                          wakeup_events=WAKEUP_EVENTS)
+            self._decoder.add(sample_ids, site, event_format)
+            _log.debug("%s/%s: %d perf fd(s) opened", self._group, site.event, len(sample_ids))
+        self._leave_out_tracer()
 
-    def _traced_tasks(self):
-        if self._child is not None:
-            return [self._child]
-        if self._pid is None:
-            return [-1]
-        try:
-            return sorted(int(tid) for tid in os.listdir(f"/proc/{self._pid}/task"))
-        except OSError:
-            raise NoSuchProcess(self._pid) from None
+    def _leave_out_tracer(self):
+        """Have the kernel drop the hits of this process's threads: the events are open
+        for every process, sdtrace's included, and a tracer that runs the traced file
+        (Debian's python3 is python3.11, whose python:line fires at every line) would
+        otherwise sample the lines that read its samples, without end.  The kernel
+        takes one filter per event, so a thread sdtrace starts later is not left out;
+        the one that reads the samples is."""
+        threads = sorted(map(int, os.listdir("/proc/self/task")))
+        self._rings.set_filter(" && ".join(f"common_pid != {thread}" for thread in threads))
 
     def enable(self):
-        """Start sampling (a command's events enable themselves at its exec)."""
-        if self._child is None:
-            self._rings.enable()
+        """Start sampling."""
+        self._rings.enable()
 
     def read(self, timeout, emitter=events.RECORDS, limit=None):
         """`emitter`'s items of the samples in the rings (at most about `limit` bytes of
@@ -115,7 +114,7 @@ class TracefsExecutor:
         rings = self._rings
         if not rings.pending:
             rings.wait(timeout)
-        items, lost = rings.drain(self._decoder.parsers(emitter), limit)
+        items, lost = rings.drain(self._decoder.parsers(emitter), limit, self._update_tree)
         self.lost += lost
         self.received += len(items)
         return items
@@ -127,8 +126,14 @@ class TracefsExecutor:
 
     @property
     def alive(self):
-        """False once every traced task has exited (their perf fds hung up)."""
-        return self._rings.alive
+        """Whether the traced process (`pid`) is still running; True for every process."""
+        return self.tree is None or self.tree.alive
+
+    def _update_tree(self):
+        """Between taking samples out of the rings and walking them: learn the tree's new
+        children (their fork was queued before they could be sampled)."""
+        if self.tree is not None:
+            self.tree.update()
 
     def finish(self, emitter=events.RECORDS):
         """Stop sampling and return the items still in the rings.  Afterwards `lost` is
@@ -136,15 +141,24 @@ class TracefsExecutor:
         the last losses are counted from the events' hit counters (hits = received +
         lost)."""
         self._rings.disable()
-        items, lost = self._rings.drain(self._decoder.parsers(emitter))
+        items, lost = self._rings.drain(self._decoder.parsers(emitter), taken=self._update_tree)
         self.received += len(items)
-        self.lost = max(self.lost + lost, self._rings.hit_count() - self.received)
+        outside = 0 if self.tree is None else self.tree.outside[0]
+        self.lost = max(self.lost + lost, self._rings.hit_count() - self.received - outside)
         return items
 
     def close(self):
         """Close the fds (disarming every site), then delete the definitions; idempotent."""
         if self._rings is not None:
             self._rings.close()
+        if self.tree is not None:
+            self.tree.close()
         if self._group is not None:
             group, self._group = self._group, None
             tracefs.remove_group(group)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.close()
