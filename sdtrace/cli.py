@@ -477,9 +477,17 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.debug:
         _log_to_stderr()
+    stdout = sys.stdout
     try:
         _check_positive(args)
-        return args.run(args)
+        from .present.output import whole_lines
+
+        sys.stdout = whole_lines(stdout)
+        try:
+            return args.run(args)
+        finally:
+            sys.stdout.flush()
+            sys.stdout = stdout
     except SdtraceError as error:
         sys.stderr.write(f"sdtrace: {error}\n")
         return 1

@@ -220,6 +220,34 @@ def test_a_tracer_running_the_traced_interpreter_leaves_itself_out(tmp_path):
     assert summary_counts(tracer.stderr)[1] == 0, tracer.stderr
 
 
+CHATTY = """
+import sys
+def f(i):
+    return i
+for i in range(3000):
+    f(i)
+    sys.stdout.write("x" * 200 + "\\n")   # one write per line (python -u)
+"""
+
+
+def test_a_commands_output_falls_between_event_lines_never_inside(tmp_path):
+    """-c's command shares sdtrace's stdout: its lines may come between the event lines but
+    never inside one (sdtrace hands the kernel whole lines, at most PIPE_BUF bytes per
+    write; a flow --json line once came cut by a java program's output)."""
+    script = tmp_path / "chatty.py"
+    script.write_text(CHATTY)
+    result = subprocess.run(
+        sdtrace_command("trace", "--json", "-c", f"{PYTHON} -u -I -S {script}",
+                        "python:function__entry"),
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    events = [json.loads(line) for line in lines if line != "x" * 200]
+    assert len(lines) - len(events) == 3000
+    assert len(events) == summary_counts(result.stderr)[0] >= 3000
+    assert {event["probe"] for event in events} == {"python:function__entry"}
+
+
 # -- lifetimes -------------------------------------------------------------------
 
 def test_sigkilled_tracer_leaves_nothing_armed(fixtures, tmp_path, executor):

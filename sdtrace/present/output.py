@@ -5,6 +5,8 @@ People get aligned tables and one line per event; programs get JSON lines
 """
 import functools
 import json
+import os
+import select
 from dataclasses import asdict
 from json.encoder import encode_basestring_ascii as quote  # a str as a JSON string (in C)
 
@@ -32,6 +34,59 @@ def open_output(path):
         return open(path, "w", buffering=1 << 20)
     except OSError as error:
         raise SdtraceError(f"{path}: {error.strerror}") from None
+
+
+class WholeLines:
+    """A text stream over `stream`'s file descriptor that hands the kernel whole lines
+    only, at most PIPE_BUF bytes per write(2) where the lines allow (a write that size is
+    atomic on a pipe): text after the last newline waits for its newline, or for
+    flush().  A -c command shares sdtrace's stdout; its output then falls between
+    sdtrace's lines, never inside one (through a block buffer it could: a flow --json
+    line once came cut by a java program's output)."""
+
+    def __init__(self, stream):
+        stream.flush()
+        self._fd = stream.fileno()
+        self._encoding, self._errors = stream.encoding, stream.errors
+        self._tail = b""
+
+    def write(self, text):
+        data = self._tail + text.encode(self._encoding, self._errors)
+        end = data.rfind(b"\n") + 1
+        self._tail = data[end:]
+        self._write(memoryview(data)[:end])
+        return len(text)
+
+    def flush(self):
+        tail, self._tail = self._tail, b""
+        self._write(memoryview(tail))
+
+    def _write(self, data):
+        for chunk in line_chunks(data, select.PIPE_BUF):
+            while chunk:
+                chunk = chunk[os.write(self._fd, chunk):]
+
+
+def whole_lines(stream):
+    """A WholeLines over `stream`, or `stream` itself if it has no file descriptor (a
+    StringIO, pytest's capture)."""
+    try:
+        return WholeLines(stream)
+    except (AttributeError, OSError, ValueError):   # io.UnsupportedOperation is both
+        return stream
+
+
+def line_chunks(data, limit):
+    """`data` (bytes or a memoryview) cut after newlines into pieces of at most `limit`
+    bytes; a line longer than that is a piece alone."""
+    start, end = 0, len(data)
+    while start < end:
+        stop = end
+        if end - start > limit:
+            stop = start + (bytes(data[start:start + limit]).rfind(b"\n") + 1
+                            or bytes(data[start:]).find(b"\n") + 1 or end - start)
+        yield data[start:stop]
+        start = stop
 
 
 def finite(value):
