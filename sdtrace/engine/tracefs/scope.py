@@ -12,7 +12,8 @@ and keeps only the samples of the processes in the tree:
   nanoseconds (the clock of the samples, perf.py's use_clockid), in which
   that pid was one of the tree's processes;
 * it grows from the proc connector (kernel/procwatch.py): a fork whose parent
-  is in the tree at the fork's time adds the child from that time on.  The
+  is in the tree at the fork's time adds the child from that time on (a new
+  thread's fork message, which names its process's parent, is passed over).  The
   kernel queues the fork message before the child first runs, so reading the
   connector *after* taking a batch of samples out of the rings and *before*
   walking them tells every child whose sample is in the batch;
@@ -23,7 +24,7 @@ and keeps only the samples of the processes in the tree:
   runs (its last samples are older than that moment); a closed span is
   forgotten CLOSED_KEPT_NS later, when no sample of it can still be unread.
 
-The parsers (codegen.parser's ``keep``) look the sample's pid up and return
+The parsers (codegen.parser's ``scope``) look the sample's pid up and return
 at once for a sample outside the tree, counting it in ``outside``, so that
 the executor's lost count (hits - received) leaves those out.
 
