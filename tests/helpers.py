@@ -314,6 +314,17 @@ def trace_workload_timeline(fixtures, timeline_path, events_path):
     return result
 
 
+def latency_workload_timeline(fixtures, timeline_path):
+    """`sdtrace latency --json --match arg0` of the workload fixture's start/end pairs (a
+    nest of pairs, pairs on 2 threads), its timeline (--perfetto) in `timeline_path`: the
+    CompletedProcess, which printed each pair as "pair TID NS"."""
+    result = sdtrace("latency", "--json", "--match", "arg0", "--perfetto", str(timeline_path),
+                     "-c", fixtures.path("workload"), "workload:start", "workload:end",
+                     stdin="nest 1000\nthreads 2\n")
+    assert result.returncode == 0, result.stderr
+    return result
+
+
 def until_armed(process, timeout=60):
     """What an sdtrace `process` (text stderr, piped) wrote to stderr up to the line
     saying it is tracing; killed, an AssertionError, if it never says so."""

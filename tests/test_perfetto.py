@@ -14,7 +14,7 @@ import os
 
 import pytest
 from helpers import SYSTEM_PYTHON as PYTHON
-from helpers import sdtrace, trace_workload_timeline
+from helpers import latency_workload_timeline, sdtrace, trace_workload_timeline
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("executor")]
 
@@ -110,10 +110,7 @@ def test_trace_timeline_pairs_and_instants(fixtures, tmp_path):
 
 def test_latency_timeline_is_named_by_the_matched_key(fixtures, tmp_path):
     timeline_path = tmp_path / "latency.json"
-    result = sdtrace("latency", "--json", "--match", "arg0", "--perfetto", str(timeline_path),
-                     "-c", fixtures.path("workload"), "workload:start", "workload:end",
-                     stdin="nest 1000\nthreads 2\n")
-    assert result.returncode == 0, result.stderr
+    result = latency_workload_timeline(fixtures, timeline_path)
     slices = by_phase(validate(timeline_path), "X")
     measured = [int(ns) for line in result.stdout.splitlines() if line.startswith("pair ")
                 for ns in line.split()[2:]]

@@ -24,7 +24,7 @@ import types
 
 import pytest
 from google.protobuf.descriptor import FieldDescriptor
-from helpers import sdtrace, trace_workload_timeline
+from helpers import latency_workload_timeline, sdtrace, trace_workload_timeline
 from hypothesis import given
 from hypothesis import strategies as st
 from perfetto.protos.perfetto.trace import perfetto_trace_pb2 as pb
@@ -318,10 +318,7 @@ def test_overlapping_spans_of_one_thread_go_on_a_lane(tmp_path):
 @pytest.mark.usefixtures("executor")
 def test_latency_writes_its_pairs_natively(fixtures, tmp_path):
     path = tmp_path / "latency.pftrace"
-    result = sdtrace("latency", "--json", "--match", "arg0", "--perfetto", str(path),
-                     "-c", fixtures.path("workload"), "workload:start", "workload:end",
-                     stdin="nest 1000\nthreads 2\n")
-    assert result.returncode == 0, result.stderr
+    result = latency_workload_timeline(fixtures, path)
     slices, instants, _tracks = imported(path)
     measured = sorted(int(ns) for line in result.stdout.splitlines() if line.startswith("pair ")
                       for ns in line.split()[2:])
