@@ -215,7 +215,12 @@ def test_a_pid_of_the_tree_reused_by_a_stranger_leaves_it_at_that_fork():
     assert 12 not in spans
 
 
-def test_spans_closed_long_ago_are_forgotten():
-    spans = Spans({10: (0, FOREVER), 11: (100, 200), 12: (100, 10**12)})
-    spans.forget(200 + 60 * 10**9 + 1)
-    assert set(spans) == {10, 12}
+def test_spans_closed_long_ago_are_forgotten_unless_reopened():
+    spans = Spans({10: (0, FOREVER), 11: (100, FOREVER), 12: (100, FOREVER),
+                   13: (100, FOREVER)})
+    spans.close(11, 200)
+    spans.close(13, 300)
+    spans.follow([fork(400, 10, 13)])          # 13 again, a child of the tree's
+    spans.close(12, 10**12)
+    spans.forget(300 + 60 * 10**9 + 1)
+    assert set(spans) == {10, 12, 13} and 13 in spans and spans.holds(13, 400)

@@ -33,6 +33,7 @@ breakpoints, and with kernel semaphores raises the counters, in every process
 that maps the file, and their hits are sampled and skipped here.
 """
 import time
+from collections import deque
 
 from ...errors import NoSuchProcess, SdtraceError
 from ...kernel import procfs, procwatch
@@ -42,7 +43,12 @@ CLOSED_KEPT_NS = 60 * 10**9
 
 
 class Spans(dict):
-    """tgid -> (first ns, end ns): when that pid was a process of the tree."""
+    """tgid -> (first ns, end ns): when that pid was a process of the tree.  `pid in
+    spans` says whether it is one now."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self._closed = deque()         # (end ns, pid) of the closed spans, oldest first
 
     def holds(self, pid, timestamp_ns):
         """Whether process `pid` was in the tree at `timestamp_ns`."""
@@ -50,7 +56,6 @@ class Spans(dict):
         return first <= timestamp_ns < end
 
     def __contains__(self, pid):
-        """Whether process `pid` is in the tree now."""
         return self.get(pid, (0, 0))[1] == FOREVER
 
     def follow(self, events):
@@ -66,11 +71,14 @@ class Spans(dict):
     def close(self, pid, timestamp_ns):
         """Process `pid` is out of the tree from `timestamp_ns` on."""
         self[pid] = (self[pid][0], timestamp_ns)
+        self._closed.append((timestamp_ns, pid))
 
     def forget(self, now_ns):
-        """Drop the spans closed CLOSED_KEPT_NS before `now_ns`."""
-        for pid, (_first, end) in list(self.items()):
-            if end + CLOSED_KEPT_NS < now_ns:
+        """Drop the spans closed CLOSED_KEPT_NS before `now_ns` (not those reopened since)."""
+        closed = self._closed
+        while closed and closed[0][0] + CLOSED_KEPT_NS < now_ns:
+            end, pid = closed.popleft()
+            if self.get(pid, (0, None))[1] == end:
                 del self[pid]
 
 
