@@ -99,8 +99,8 @@ class TracefsExecutor:
         for every process, sdtrace's included, and a tracer that runs the traced file
         (Debian's python3 is python3.11, whose python:line fires at every line) would
         otherwise sample the lines that read its samples, without end.  The kernel
-        takes one filter per event, so a thread sdtrace starts later is not left out;
-        the one that reads the samples is."""
+        takes one filter per event, so a thread started later is not left out; the
+        thread that arms is (the CLI's, which reads the samples)."""
         threads = sorted(map(int, os.listdir("/proc/self/task")))
         self._rings.set_filter(" && ".join(f"common_pid != {thread}" for thread in threads))
 
