@@ -132,6 +132,12 @@ class BpfExecutor:
                                          f"({site.operands[index].text!r}) is unavailable: "
                                          f"{plan.unavailable}")
 
+    @property
+    def _tracer_pid(self):
+        """This process, for the program to leave out where the link is armed for every
+        process (sdtrace may run the traced file); a link with one pid cannot fire here."""
+        return os.getpid() if not self._pid or self.tree is not None else None
+
     def _load(self, group, string_length):
         """The program of the sites of `group` ({site id: (site, plans)}), loaded."""
         multi = self.links == "multi"
@@ -139,7 +145,7 @@ class BpfExecutor:
                                           string_length, self.tree and self.tree.map.fd,
                                           sleepable=multi, record_size=self.record_size,
                                           emit=self.tally and self.tally.emit,
-                                          tracer_pid=os.getpid())
+                                          tracer_pid=self._tracer_pid)
         return Program(code, "sdtrace_usdt",
                        expected_attach_type=BPF_TRACE_UPROBE_MULTI if multi else 0,
                        sleepable=multi)
