@@ -124,6 +124,7 @@ TWO_CHILDREN = """
 import gc, os, sys
 gc.disable()                    # gc__start fires for the script's collect() calls only
 rounds, collects = int(sys.argv[1]), int(sys.argv[2])
+print("ready", flush=True)      # no collection of its start-up's can come after this
 sys.stdin.readline()            # armed
 for _ in range(rounds):
     first_exited, armed_again = os.pipe()
@@ -163,6 +164,7 @@ def test_two_children_one_exiting_leaves_the_other_traced(tmp_path, executor):
                                str(collects)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               text=True)
     try:
+        assert script.stdout.readline() == "ready\n"      # its start-up is over
         with tree_executor(executor, sites, script.pid) as armed:
             output, _ = script.communicate("armed\n", timeout=60)
             assert script.returncode == 0
