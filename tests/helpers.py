@@ -385,15 +385,23 @@ class Tracer:
 
     def kill(self):
         """Make sure the tracer is gone (a failed test's finally); never leaves definitions."""
-        if self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGINT)
-        try:
-            self.process.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.communicate()
+        if not end_process(self.process, signal.SIGINT, 20):
             subprocess.run(sdtrace_command("cleanup"), capture_output=True, timeout=60)
+
+
+def end_process(process, signum, timeout):
+    """Sends `signum` to `process` if it still runs, waits up to `timeout` seconds for it to
+    end, then kills it; whether it ended without the kill."""
+    if process.poll() is not None:
+        return True
+    process.send_signal(signum)
+    try:
+        process.communicate(timeout=timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        return False
 
 
 # --- driving a fixture program ----------------------------------------------

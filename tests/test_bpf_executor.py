@@ -14,7 +14,7 @@ from collections import Counter
 
 import pytest
 from helpers import (CFLAGS, FIXTURES_DIR, LIBJVM, OPT_LEVELS, PROGRAMS, REPOSITORY, Target,
-                     address_of, executor_events, counter, read_mem, set_counter, wait_for)
+                     address_of, drain, executor_events, counter, read_mem, set_counter, wait_for)
 
 from sdtrace.discovery import notes
 from sdtrace.engine import fetchargs
@@ -38,8 +38,7 @@ def sites_and_types(path):
 def fire_and_read(target, executor, expected):
     """Fires every probe of `target` once; the `expected` records, and the truth by probe."""
     target.send("fire 1")
-    records = []
-    assert wait_for(lambda: records.extend(executor_events(executor)) or len(records) >= expected)
+    records = drain(executor, expected)
     truth = {line["probe"]: line["args"] for line in map(json.loads, target.send("values"))}
     return records, truth
 

@@ -28,8 +28,8 @@ import urllib.parse
 import urllib.request
 
 import pytest
-from helpers import (REPOSITORY, SYSTEM_PYTHON, Target, one_line_error, postgres_server, psql,
-                     sdtrace, sdtrace_command, summary_counts, wait_for)
+from helpers import (REPOSITORY, SYSTEM_PYTHON, Target, end_process, one_line_error,
+                     postgres_server, psql, sdtrace, sdtrace_command, summary_counts, wait_for)
 
 LOOPBACK = "127.0.0.1"
 PUBLISHED = 2.0      # seconds after which a scrape holds what happened before (1 s snapshots)
@@ -112,13 +112,7 @@ class Prometheus:
                 float(sample["value"][1]) for sample in self.query(selector, at)}
 
     def stop(self):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        end_process(self.process, signal.SIGTERM, 30)
         self.log.close()
 
 
